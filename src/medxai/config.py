@@ -1,0 +1,269 @@
+"""Configuration as dataclasses, one per pipeline stage.
+
+Each stage owns its defaults (commented here); presets in ``medxai/configs/*.yaml`` override them; command-line
+options override the preset. Unknown keys are errors, never silently ignored. The resolved result is saved as
+``config.yaml`` in the run folder and is enough to reproduce the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar, get_args, get_origin, get_type_hints
+
+import yaml
+
+from medxai.errors import ConfigError
+
+__all__ = [
+    "DataConfig",
+    "PreprocessConfig",
+    "AugmentConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "ExplainConfig",
+    "RunConfig",
+    "load_config",
+    "preset_path",
+    "list_presets",
+    "apply_overrides",
+    "save_config",
+]
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how splits are made."""
+
+    source: str = "pneumoniamnist"  # a folder, a .csv manifest, a .npz file or a MedMNIST subset name
+    val_fraction: float = 0.1  # carved from train (stratified, grouped by patient) when the data has no val split
+    test_fraction: float = 0.0  # carved too when the data has no test split and this is > 0
+    patient_pattern: str | None = None  # regex on file names; group 1 = patient id, used to group splits
+    split_seed: int = 0  # seed of the carved splits (independent of the training seed)
+    num_workers: int = 0  # decoding processes; 0 decodes in the main process
+
+
+@dataclass
+class PreprocessConfig:
+    """Deterministic preprocessing, identical for training, evaluation, prediction and serving."""
+
+    size: int = 28  # side of the square model input, pixels
+    resize_mode: str = "stretch"  # "stretch" to the square, or "pad": keep aspect ratio, pad with black
+    channels: int = 1  # 1 (grey models) or 3 (RGB models); grey inputs are replicated, colour turned to luminance
+    intensity: str = "auto"  # "auto": uint8 / 255, other dtypes percentile-clipped; "dtype", "minmax", "percentile"
+    clip_percentiles: tuple[float, float] = (0.5, 99.5)  # used by "percentile" (and "auto" for non-uint8 images)
+    denoise: str = "none"  # "none", "median" or "gaussian": applied at model resolution, after resizing
+    median_kernel: int = 3  # odd kernel side of the median filter
+    gaussian_sigma: float = 0.8  # standard deviation of the Gaussian filter, pixels
+    normalize: str = "dataset"  # "dataset": mean/std measured on the train split; "fixed": the values below; "none"
+    mean: list[float] | None = None  # per-channel mean (filled in from train data when normalize == "dataset")
+    std: list[float] | None = None  # per-channel std (likewise)
+
+
+@dataclass
+class AugmentConfig:
+    """Random training-time augmentation, applied to batches on the training device."""
+
+    enabled: bool = True
+    rotation_degrees: float = 10.0  # uniform in [-r, r]
+    scale: tuple[float, float] = (0.9, 1.1)  # isotropic zoom range
+    translate: float = 0.05  # max shift as a fraction of the side
+    shear_degrees: float = 0.0
+    hflip: float = 0.0  # probability; off by default: chest films are not left-right symmetric (heart, labels)
+    vflip: float = 0.0
+    brightness: float = 0.1  # additive shift in [-b, b] on the [0, 1] intensity scale
+    contrast: float = 0.1  # multiplicative factor in [1 - c, 1 + c] about the image mean
+    gamma: float = 0.0  # log-uniform gamma in [exp(-g), exp(g)]; 0 turns it off
+    noise_std: float = 0.0  # additive Gaussian noise on the [0, 1] scale
+
+
+@dataclass
+class ModelConfig:
+    """Which network to build."""
+
+    name: str = "simple_cnn"  # any name from `medxai models`
+    pretrained: bool = False  # ImageNet weights (torchvision cache or `weights`); fails clearly when unavailable
+    weights: str | None = None  # local weights file (.safetensors or a torchvision state dict) for offline use
+    dropout: float = 0.25  # dropout before the classifier
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, checkpointing and stopping."""
+
+    epochs: int = 20
+    batch_size: int = 128
+    optimizer: str = "adamw"  # "adamw" or "sgd"
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9  # SGD only
+    warmup_epochs: float = 1.0  # linear warm-up, then cosine decay to zero (Loshchilov & Hutter 2017)
+    label_smoothing: float = 0.0
+    class_weighting: bool = False  # weight the loss by inverse class frequency of the train split
+    monitor: str = "auto"  # validation metric for best checkpoint / early stopping: "auc", "accuracy", "loss", "auto"
+    patience: int = 0  # epochs without improvement before stopping; 0 never stops early
+    seed: int = 0
+    device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1"...
+    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    channels_last: bool = True  # memory format on CUDA (ignored on CPU)
+    threads: int = 0  # CPU threads for torch; 0 leaves torch's default
+
+
+@dataclass
+class ExplainConfig:
+    """Heatmaps written at the end of training and by `medxai explain`."""
+
+    method: str = "gradcam"
+    layer: str | None = None  # module name; None uses the model's declared CAM layer
+    colormap: str = "jet"
+    alpha: float = 0.4  # heatmap opacity over the image
+    per_outcome: int = 3  # demo/train gallery: images per outcome (TP, FP, FN, TN) for binary tasks
+    save_npy: bool = False  # also save raw maps as .npy
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run."""
+
+    name: str = "run"
+    out_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    explain: ExplainConfig = field(default_factory=ExplainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(asdict(self))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        return _build(cls, values, "config")
+
+
+T = TypeVar("T")
+
+
+def _plain(value: Any) -> Any:
+    """Tuples to lists, so that YAML and JSON hold plain types."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
+def _build(cls: type[T], values: dict[str, Any], where: str) -> T:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and coercing simple types."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        hint = difflib.get_close_matches(unknown[0], known, n=1)
+        suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
+        raise ConfigError(f"{where}: unknown key(s) {unknown}{suggestion}; known: {sorted(known)}")
+    kwargs = {}
+    for name, value in values.items():
+        kwargs[name] = _coerce(hints[name], value, f"{where}.{name}")
+    return cls(**kwargs)
+
+
+def _coerce(annotation: Any, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(annotation):
+        return _build(annotation, value or {}, where)
+    origin, args = get_origin(annotation), get_args(annotation)
+    if value is None:
+        if type(None) in args or annotation is Any:
+            return None
+        raise ConfigError(f"{where}: must not be empty")
+    if args and type(None) in args:  # Optional[X]
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(a, v, where) for a, v in zip(args, value))
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(args[0], v, where) for v in value]
+    try:
+        if annotation is bool:
+            if isinstance(value, str):
+                lowered = value.lower()
+                if lowered in {"true", "yes", "1", "on"}:
+                    return True
+                if lowered in {"false", "no", "0", "off"}:
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if annotation in (int, float, str):
+            if annotation is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return annotation(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: {value!r} is not a valid {annotation.__name__}") from None
+    return value
+
+
+def list_presets() -> list[str]:
+    """Names of the presets shipped with medxai."""
+    return sorted(path.stem for path in PRESET_DIR.glob("*.yaml"))
+
+
+def preset_path(name_or_path: str | Path) -> Path:
+    """Resolve a preset name (``kermany``) or a YAML path to a file."""
+    candidate = Path(name_or_path)
+    if candidate.suffix in {".yaml", ".yml"}:
+        if not candidate.is_file():
+            raise ConfigError(f"config file {candidate} does not exist")
+        return candidate
+    path = PRESET_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown preset '{name_or_path}'; known presets: {list_presets()}")
+    return path
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings (value parsed as YAML) to a nested mapping, in place."""
+    for override in overrides:
+        if "=" not in override:
+            raise ConfigError(f"override '{override}' must look like section.key=value")
+        dotted, raw = override.split("=", 1)
+        target = values
+        *parents, leaf = dotted.strip().split(".")
+        for parent in parents:
+            target = target.setdefault(parent, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"override '{override}': '{parent}' is not a section")
+        target[leaf] = yaml.safe_load(raw)
+    return values
+
+
+def load_config(preset: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults, then the preset file, then ``section.key=value`` overrides."""
+    values: dict[str, Any] = {}
+    if preset is not None:
+        path = preset_path(preset)
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML ({error})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        values = loaded
+    apply_overrides(values, overrides or [])
+    return RunConfig.from_dict(values)
+
+
+def save_config(config: RunConfig, path: str | Path) -> Path:
+    path = Path(path)
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return path

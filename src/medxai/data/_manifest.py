@@ -1,0 +1,254 @@
+"""Images listed in a CSV file: one row per image with its path, label and optionally patient and split."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from medxai.data._record import (
+    SPLIT_NAMES,
+    Record,
+    canonical_split_name,
+    check_split_request,
+    compile_patient_pattern,
+    fingerprint_file_records,
+    load_file_record,
+    patient_id_from_file_name,
+)
+from medxai.data.sample import Sample
+from medxai.errors import DataError
+
+__all__ = ["ManifestSource"]
+
+logger = logging.getLogger(__name__)
+
+_REQUIRED_COLUMNS = ("path", "label")
+
+
+class ManifestSource:
+    """Images listed in a CSV manifest.
+
+    The CSV has a header with the columns ``path`` and ``label`` and, optionally, ``patient_id`` and ``split``
+    (column names are matched ignoring case and surrounding spaces; other columns are ignored). Paths are relative
+    to ``root``, which defaults to the CSV's folder, or absolute; ``\\`` separators are accepted. A record's id is
+    its path as written, with ``/`` separators.
+
+    Labels are class names or integers. With ``label_names`` given, a label is looked up among those names first,
+    then read as an index into them. Without it, labels that are all integers are indices and the names are
+    ``"0"``, ``"1"``, ... up to the largest; otherwise the names are the sorted unique labels. An empty label means
+    unknown (``None``), for files to predict on.
+
+    ``split`` values are train, val, valid, validation or test in any case; either every row has one or none does.
+    Listed files are not opened here: a missing or undecodable one makes :meth:`load` raise
+    :class:`~medxai.errors.InvalidImageError` (missing ones are also counted in a logged warning).
+
+    Args:
+        csv_path: the manifest file.
+        root: the folder relative paths start from; defaults to the CSV's folder.
+        label_names: the class names, in label-index order.
+        patient_pattern: optional regular expression giving the patient id from the file name (as for
+            :class:`~medxai.data.sources.ImageFolderSource`) for rows whose ``patient_id`` is empty or absent.
+
+    Raises:
+        DataError: naming the CSV (and the line, where there is one) for a missing or empty file, missing columns,
+            an empty path, a path listed twice, an unknown split value, a label not in ``label_names``, or a split
+            column filled in for some rows only.
+        ConfigError: ``patient_pattern`` is not a valid regular expression.
+    """
+
+    def __init__(
+        self,
+        csv_path: str | Path,
+        *,
+        root: str | Path | None = None,
+        label_names: list[str] | None = None,
+        patient_pattern: str | None = None,
+    ) -> None:
+        self.csv_path = Path(csv_path).expanduser().absolute()
+        self.root = Path(root).expanduser().absolute() if root is not None else self.csv_path.parent
+        self.description = f"manifest {self.csv_path}"
+        self.skipped: list[tuple[str, str]] = []
+        self._patient_regex = compile_patient_pattern(patient_pattern)
+        if label_names is not None and len(set(label_names)) != len(label_names):
+            raise DataError(f"label_names for {self.csv_path} repeat a name: {label_names}")
+
+        rows = self._read_rows()
+        self.label_names: list[str] = (
+            list(label_names) if label_names is not None else _label_names_from_labels([row.label for row in rows])
+        )
+        self._records = [self._record_from_row(row) for row in rows]
+        self._official_splits = self._splits_present()
+        self._log_missing_files()
+        logger.info(
+            "%s: %d rows in %d classes%s",
+            self.description,
+            len(self._records),
+            len(self.label_names),
+            f", official splits {self._official_splits}" if self._official_splits else "",
+        )
+
+    def official_splits(self) -> list[str]:
+        """The splits named in the ``split`` column, in train, val, test order; [] without that column."""
+        return list(self._official_splits)
+
+    def records(self, split: str | None = None) -> list[Record]:
+        """All records in file order, or those of one split.
+
+        Raises:
+            DataError: ``split`` is not used in the manifest.
+        """
+        check_split_request(split, self._official_splits, self.description)
+        return [record for record in self._records if split is None or record.split == split]
+
+    def load(self, record: Record) -> Sample:
+        """Decode a record's file (see :func:`medxai.data.read_image`).
+
+        Raises:
+            InvalidImageError: the file is missing or is not a decodable image.
+        """
+        return load_file_record(record)
+
+    def fingerprint(self) -> str:
+        """``sha256:...`` over the CSV's bytes and the listed ids, labels, splits and file sizes."""
+        csv_digest = hashlib.sha256(self.csv_path.read_bytes()).hexdigest()
+        return fingerprint_file_records(f"manifest {csv_digest}", self.label_names, self._records)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __repr__(self) -> str:
+        return f"ManifestSource({str(self.csv_path)!r}, classes={self.label_names}, splits={self._official_splits})"
+
+    # -- parsing -------------------------------------------------------------------------------------------------
+
+    def _error(self, message: str, line: int | None = None) -> DataError:
+        where = f"{self.csv_path}, line {line}" if line is not None else str(self.csv_path)
+        return DataError(f"{where}: {message}")
+
+    def _read_rows(self) -> list[_Row]:
+        if not self.csv_path.is_file():
+            raise DataError(f"manifest {self.csv_path} does not exist")
+        try:
+            text = self.csv_path.read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as error:
+            raise self._error(f"cannot be read as UTF-8 text: {error}") from None
+        if not text.strip():
+            raise self._error("the file is empty; expected a header line 'path,label' and one row per image")
+
+        reader = csv.reader(text.splitlines())
+        header = [name.strip().lower() for name in next(reader)]
+        missing = [name for name in _REQUIRED_COLUMNS if name not in header]
+        if missing:
+            raise self._error(
+                f"missing column(s) {', '.join(missing)} in the header {header}; "
+                "expected 'path,label' and optionally 'patient_id,split'",
+                line=1,
+            )
+        column = {name: header.index(name) for name in ("path", "label", "patient_id", "split") if name in header}
+
+        rows: list[_Row] = []
+        first_line_of_id: dict[str, int] = {}
+        for row_values in reader:
+            line = reader.line_num
+            if not any(value.strip() for value in row_values):
+                continue  # blank line
+            if len(row_values) < len(header):
+                row_values = row_values + [""] * (len(header) - len(row_values))
+            row = self._parse_row(row_values, column, line)
+            if row.id in first_line_of_id:
+                raise self._error(f"path {row.id!r} is listed twice (first on line {first_line_of_id[row.id]})", line)
+            first_line_of_id[row.id] = line
+            rows.append(row)
+        if not rows:
+            raise self._error("the file has a header but no rows")
+        return rows
+
+    def _parse_row(self, values: list[str], column: dict[str, int], line: int) -> _Row:
+        written_path = values[column["path"]].strip()
+        if not written_path:
+            raise self._error("empty path", line)
+        record_id = str(PurePosixPath(written_path.replace("\\", "/")))
+        split_text = values[column["split"]].strip() if "split" in column else ""
+        split = canonical_split_name(split_text) if split_text else None
+        if split_text and split is None:
+            raise self._error(f"unknown split {split_text!r}; expected train, val or test", line)
+        patient_id = values[column["patient_id"]].strip() if "patient_id" in column else ""
+        return _Row(
+            id=record_id,
+            path=os.path.normpath(self.root / record_id),
+            label=values[column["label"]].strip(),
+            patient_id=patient_id or patient_id_from_file_name(self._patient_regex, PurePosixPath(record_id).name),
+            split=split,
+            line=line,
+        )
+
+    def _record_from_row(self, row: _Row) -> Record:
+        return Record(
+            id=row.id,
+            label=self._label_index(row.label, row.line),
+            path=row.path,
+            patient_id=row.patient_id,
+            split=row.split,
+        )
+
+    def _label_index(self, label: str, line: int) -> int | None:
+        if not label:
+            return None
+        if label in self.label_names:
+            return self.label_names.index(label)
+        if _is_integer(label) and 0 <= int(label) < len(self.label_names):
+            return int(label)
+        raise self._error(f"label {label!r} is not one of the label names {self.label_names}", line)
+
+    def _splits_present(self) -> list[str]:
+        with_split = [record for record in self._records if record.split is not None]
+        if with_split and len(with_split) != len(self._records):
+            first_row_without = next(
+                row_index for row_index, record in enumerate(self._records) if record.split is None
+            )
+            raise self._error(
+                f"the split column is filled in for {len(with_split)} of {len(self._records)} rows "
+                f"(row {first_row_without + 1} has none); give every row a split or none"
+            )
+        present = {record.split for record in with_split}
+        return [split for split in SPLIT_NAMES if split in present]
+
+    def _log_missing_files(self) -> None:
+        missing = [record.id for record in self._records if not os.path.isfile(record.path or "")]
+        if missing:
+            logger.warning(
+                "%s lists %d files that do not exist (e.g. %s); loading them will fail",
+                self.description,
+                len(missing),
+                ", ".join(missing[:3]),
+            )
+
+
+@dataclass(frozen=True)
+class _Row:
+    """One parsed CSV row before its label is resolved."""
+
+    id: str
+    path: str
+    label: str
+    patient_id: str | None
+    split: str | None
+    line: int
+
+
+def _is_integer(text: str) -> bool:
+    return text.lstrip("+-").isdigit()
+
+
+def _label_names_from_labels(labels: list[str]) -> list[str]:
+    given = [label for label in labels if label]
+    if given and all(_is_integer(label) for label in given):
+        largest = max(int(label) for label in given)
+        if min(int(label) for label in given) < 0:
+            return sorted(set(given))
+        return [str(index) for index in range(largest + 1)]
+    return sorted(set(given))

@@ -1,0 +1,52 @@
+"""One error hierarchy for everything medxai raises on purpose.
+
+The CLI prints any :class:`MedxaiError` as a single clear line and exits non-zero; batch commands catch
+the per-file ones (:class:`InvalidImageError`), list them in ``skipped.csv`` and carry on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = [
+    "MedxaiError",
+    "InvalidImageError",
+    "DataError",
+    "ConfigError",
+    "CheckpointError",
+    "ModelError",
+]
+
+
+class MedxaiError(Exception):
+    """Base class of every error medxai raises deliberately."""
+
+
+class InvalidImageError(MedxaiError):
+    """A single input file cannot be used as an image.
+
+    Args:
+        path: the offending file (or a sample id when there is no file).
+        reason: what is wrong with it, in words a user can act on.
+    """
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+class DataError(MedxaiError):
+    """A dataset as a whole is unusable (empty class folder, one class, missing file, unknown label...)."""
+
+
+class ConfigError(MedxaiError):
+    """A configuration value or key is invalid."""
+
+
+class CheckpointError(MedxaiError):
+    """A run folder or checkpoint is missing, incomplete or does not match its architecture."""
+
+
+class ModelError(MedxaiError):
+    """A model cannot be built as asked (unknown name, missing pretrained weights...)."""

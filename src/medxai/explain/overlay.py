@@ -1,0 +1,156 @@
+"""Heatmaps laid over the ORIGINAL image, at its own resolution, for people to look at.
+
+A CAM map lives at the model's input size (say 224x224), after resizing and perhaps padding of the original image
+(say 2048x2500). The overlay undoes that at the edge: it crops off the padding (``crop_box``), upsamples the map
+bilinearly to the original size, colours it with a matplotlib colormap and blends it with the original image,
+rescaled to 8 bits for display. The blend is the usual one (pytorch-grad-cam's ``show_cam_on_image``):
+``(1 - alpha) * image + alpha * colour(heatmap)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from os import PathLike
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from medxai.errors import ConfigError
+
+__all__ = ["overlay_heatmap", "save_overlay", "save_heatmap_npy", "to_display_rgb"]
+
+logger = logging.getLogger(__name__)
+
+
+def to_display_rgb(image: np.ndarray) -> np.ndarray:
+    """An image as loaded, as ``(H, W, 3)`` uint8 RGB for display.
+
+    uint8 images are kept as they are; any other dtype (uint16, float...) is min-max stretched to 0..255 over the
+    whole image (a constant image becomes black). Grey images are replicated to three channels; an alpha channel
+    is dropped.
+
+    Args:
+        image: ``(H, W)``, ``(H, W, 1)``, ``(H, W, 3)`` or ``(H, W, 4)`` array.
+
+    Raises:
+        ValueError: any other shape.
+    """
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[2] in (1, 3, 4):
+        image = image[..., 0] if image.shape[2] == 1 else image[..., :3]
+    elif image.ndim != 2:
+        raise ValueError(f"expected an (H, W) or (H, W, 1|3|4) image, got shape {image.shape}")
+    if image.dtype != np.uint8:
+        values = image.astype(np.float64)
+        finite = np.isfinite(values)
+        low, high = (values[finite].min(), values[finite].max()) if finite.any() else (0.0, 0.0)
+        span = high - low
+        values = np.where(finite, values, low)
+        scaled = (values - low) / span if span > 0 else np.zeros_like(values)
+        image = np.rint(scaled * 255.0).astype(np.uint8)
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    return np.ascontiguousarray(image)
+
+
+def _heatmap_2d(heatmap: np.ndarray | Tensor) -> Tensor:
+    tensor = heatmap.detach().cpu() if isinstance(heatmap, Tensor) else torch.from_numpy(np.ascontiguousarray(heatmap))
+    while tensor.ndim > 2 and tensor.shape[0] == 1:  # accept (1, h, w) and (1, 1, h, w)
+        tensor = tensor[0]
+    if tensor.ndim != 2:
+        raise ValueError(f"expected an (h, w) heatmap, got shape {tuple(tensor.shape)}")
+    return torch.nan_to_num(tensor.float(), nan=0.0).clamp(0.0, 1.0)
+
+
+def _crop(heatmap: Tensor, crop_box: tuple[int, int, int, int]) -> Tensor:
+    top, left, height, width = (int(v) for v in crop_box)
+    rows, cols = heatmap.shape
+    if top < 0 or left < 0 or height <= 0 or width <= 0 or top + height > rows or left + width > cols:
+        raise ConfigError(f"crop_box (top, left, height, width)={tuple(crop_box)} does not fit a {rows}x{cols} heatmap")
+    return heatmap[top : top + height, left : left + width]
+
+
+def overlay_heatmap(
+    image: np.ndarray,
+    heatmap: np.ndarray | Tensor,
+    *,
+    colormap: str = "jet",
+    alpha: float = 0.4,
+    crop_box: tuple[int, int, int, int] | None = None,
+) -> np.ndarray:
+    """Blend a heatmap over the original image, at the original image's resolution.
+
+    Args:
+        image: the original image as loaded, ``(H, W)`` or ``(H, W, 3)``, uint8, uint16 or float (see
+            :func:`to_display_rgb` for how it is brought to 8 bits).
+        heatmap: ``(h, w)`` map in [0, 1] at the model's input size (one sample of ``CAMResult.maps``); values
+            outside [0, 1] are clipped.
+        colormap: name of a matplotlib colormap (``"jet"``, ``"inferno"``, ``"viridis"``...).
+        alpha: weight of the heatmap in the blend, in [0, 1]; 0 gives the image alone.
+        crop_box: ``(top, left, height, width)`` of the image's content in heatmap coordinates, when preprocessing
+            padded the image to keep its aspect ratio; the padding is cut off before upsampling.
+
+    Returns:
+        ``(H, W, 3)`` uint8 RGB.
+
+    Raises:
+        ConfigError: unknown colormap, alpha outside [0, 1], or a crop box that does not fit the heatmap.
+        ValueError: an image or heatmap of the wrong shape.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ConfigError(f"alpha must be in [0, 1], got {alpha}")
+    try:
+        cmap = matplotlib.colormaps[colormap]
+    except KeyError:
+        raise ConfigError(f"unknown matplotlib colormap {colormap!r}") from None
+    base = to_display_rgb(image)
+    heat = _heatmap_2d(heatmap)
+    if crop_box is not None:
+        heat = _crop(heat, crop_box)
+    height, width = base.shape[:2]
+    if heat.shape != (height, width):
+        heat = F.interpolate(heat[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0]
+    coloured = cmap(heat.clamp(0.0, 1.0).numpy(), bytes=True)[..., :3]
+    blended = (1.0 - alpha) * base.astype(np.float32) + alpha * coloured.astype(np.float32)
+    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+
+
+def save_overlay(
+    path: str | PathLike[str], image: np.ndarray, heatmap: np.ndarray | Tensor, **kwargs: object
+) -> Path:
+    """Write :func:`overlay_heatmap` as a PNG, creating parent folders.
+
+    Args:
+        path: destination file (written as PNG whatever its suffix).
+        image: the original image.
+        heatmap: ``(h, w)`` map in [0, 1].
+        **kwargs: ``colormap``, ``alpha``, ``crop_box`` as for :func:`overlay_heatmap`.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(overlay_heatmap(image, heatmap, **kwargs)).save(path, format="PNG")  # type: ignore[arg-type]
+    logger.debug("wrote overlay %s", path)
+    return path
+
+
+def save_heatmap_npy(path: str | PathLike[str], heatmap: np.ndarray | Tensor) -> Path:
+    """Write a heatmap (any shape, e.g. one sample of ``CAMResult.maps``) as float32 ``.npy``, creating folders.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    array = heatmap.detach().cpu().numpy() if isinstance(heatmap, Tensor) else np.asarray(heatmap)
+    with path.open("wb") as file:  # a file object, so np.save does not append ".npy" to another suffix
+        np.save(file, array.astype(np.float32, copy=False))
+    logger.debug("wrote heatmap %s", path)
+    return path

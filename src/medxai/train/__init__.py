@@ -1,0 +1,17 @@
+"""Training: optimiser, schedule, epochs, checkpoints, early stopping and exact resume."""
+
+from medxai.train._device import autocast_context, resolve_device
+from medxai.train.fit import FitResult, fit, read_history, write_history
+from medxai.train.loop import BatchContext, model_input, predict_split
+
+__all__ = [
+    "fit",
+    "FitResult",
+    "BatchContext",
+    "predict_split",
+    "model_input",
+    "resolve_device",
+    "autocast_context",
+    "read_history",
+    "write_history",
+]

@@ -1,0 +1,188 @@
+"""Build the optimiser and schedule, run the epochs, checkpoint every epoch, stop early, resume exactly.
+
+Reproducibility: shuffling and augmentation of epoch ``e`` draw from a generator seeded with ``(seed, e)``, and the
+global RNG (dropout) is saved with every checkpoint, so ``--resume`` after a kill continues bit-for-bit where an
+uninterrupted run would be (on the same device and software).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from medxai.config import TrainConfig
+from medxai.data.augment import BatchAugmenter
+from medxai.data.prepared import PreparedSplit
+from medxai.errors import ConfigError
+from medxai.models.card import ModelCard
+from medxai.models.checkpoint import load_training_state, load_weights, save_training_state, save_weights
+from medxai.train.loop import BatchContext, mean_loss_and_accuracy, predict_split, train_one_epoch
+
+__all__ = ["fit", "FitResult", "ScoreFunction", "HISTORY_FIELDS", "write_history", "read_history"]
+
+logger = logging.getLogger(__name__)
+
+HISTORY_FIELDS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_score", "lr", "seconds"]
+ScoreFunction = Callable[[torch.Tensor, torch.Tensor], float]  # (val logits, val labels) -> higher is better
+EpochCallback = Callable[[int, dict], None]
+
+
+@dataclass
+class FitResult:
+    model: torch.nn.Module  # with the best epoch's weights loaded
+    history: list[dict]
+    best_epoch: int
+    best_score: float
+    stopped_early: bool
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (Loshchilov & Hutter 2019) or SGD with Nesterov momentum; no weight decay on norms and biases."""
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            (no_decay if parameter.ndim <= 1 else decay).append(parameter)
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True)
+    raise ConfigError(f"train.optimizer must be 'adamw' or 'sgd', got {config.optimizer!r}")
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step linear warm-up then cosine decay to zero (SGDR without restarts, Loshchilov & Hutter 2017)."""
+    total = max(1, config.epochs * steps_per_epoch)
+    warmup = min(int(config.warmup_epochs * steps_per_epoch), total - 1)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def build_loss(config: TrainConfig, train: PreparedSplit, num_classes: int, device: torch.device) -> torch.nn.Module:
+    """Cross-entropy, optionally weighted by inverse class frequency (N / (K n_k)) and label-smoothed."""
+    weight = None
+    if config.class_weighting:
+        counts = torch.tensor(train.class_counts(num_classes), dtype=torch.float32).clamp_min(1)
+        weight = (counts.sum() / (num_classes * counts)).to(device)
+        logger.info("class weights: %s", [round(value, 3) for value in weight.tolist()])
+    return torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
+
+
+def write_history(history: Sequence[dict], path: Path) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=HISTORY_FIELDS)
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def read_history(path: str | Path) -> list[dict]:
+    with Path(path).open(newline="") as handle:
+        return [{key: float(value) for key, value in row.items()} for row in csv.DictReader(handle)]
+
+
+def fit(
+    model: torch.nn.Module,
+    train: PreparedSplit,
+    val: PreparedSplit,
+    *,
+    context: BatchContext,
+    augmenter: BatchAugmenter,
+    config: TrainConfig,
+    card: ModelCard,
+    run_dir: str | Path,
+    score_fn: ScoreFunction,
+    resume: bool = False,
+    callbacks: Sequence[EpochCallback] = (),
+) -> FitResult:
+    """Train ``model`` and keep the epoch with the best validation score.
+
+    Writes ``checkpoints/last.safetensors`` and the training state every epoch, ``checkpoints/best.safetensors``
+    when the score improves, and ``history.csv``. ``callbacks(epoch, row)`` run after each epoch's checkpoint.
+    """
+    run_dir = Path(run_dir)
+    checkpoints = run_dir / "checkpoints"
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    model.to(context.device)
+    if context.channels_last and context.device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    steps_per_epoch = max(1, -(-len(train) // context.batch_size))
+    optimizer = build_optimizer(model, config)
+    scheduler = build_scheduler(optimizer, config, steps_per_epoch)
+    loss_fn = build_loss(config, train, card.num_classes, context.device)
+    state = {
+        "epoch": 0, "history": [], "best_score": -math.inf, "best_val_loss": math.inf, "best_epoch": 0, "stale_epochs": 0,
+    }
+    if resume:
+        resumed, _ = load_weights(checkpoints / "last.safetensors", card)
+        model.load_state_dict(resumed.state_dict())
+        state.update(load_training_state(checkpoints, optimizer, scheduler))
+        logger.info("resumed after epoch %d (best %.4f at epoch %d)", state["epoch"], state["best_score"], state["best_epoch"])
+    else:
+        torch.manual_seed(config.seed)
+    stopped_early = False
+    for epoch in range(state["epoch"] + 1, config.epochs + 1):
+        started = time.perf_counter()
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+        train_stats = train_one_epoch(
+            model, train, context, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn,
+            augmenter=augmenter, generator=generator, description=f"epoch {epoch}/{config.epochs}",
+        )
+        val_logits = predict_split(model, val, context)
+        val_stats = mean_loss_and_accuracy(val_logits, val.labels)
+        score = score_fn(val_logits, val.labels)
+        row = {
+            "epoch": epoch,
+            "train_loss": train_stats["loss"],
+            "train_accuracy": train_stats["accuracy"],
+            "val_loss": val_stats["loss"],
+            "val_accuracy": val_stats["accuracy"],
+            "val_score": score,
+            "lr": optimizer.param_groups[0]["lr"],
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        state["history"].append(row)
+        # Ties on the score (a saturated validation AUC) go to the lower validation loss.
+        improved = score > state["best_score"] or (
+            score == state["best_score"] and row["val_loss"] < state["best_val_loss"]
+        )
+        if improved:
+            state.update(best_score=score, best_val_loss=row["val_loss"], best_epoch=epoch, stale_epochs=0)
+            save_weights(model, card, checkpoints / "best.safetensors")
+        else:
+            state["stale_epochs"] += 1
+        state["epoch"] = epoch
+        save_weights(model, card, checkpoints / "last.safetensors")
+        save_training_state(checkpoints, optimizer, scheduler, state)
+        write_history(state["history"], run_dir / "history.csv")
+        logger.info(
+            "epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f score %.4f%s  (%.1fs)",
+            epoch, config.epochs, row["train_loss"], row["train_accuracy"], row["val_loss"],
+            row["val_accuracy"], score, " *" if improved else "", row["seconds"],
+        )
+        for callback in callbacks:
+            callback(epoch, row)
+        if config.patience and state["stale_epochs"] >= config.patience:
+            logger.info("early stop: no improvement for %d epochs", config.patience)
+            stopped_early = True
+            break
+    best, _ = load_weights(checkpoints / "best.safetensors", card)
+    model.load_state_dict(best.state_dict())
+    return FitResult(model, state["history"], state["best_epoch"], state["best_score"], stopped_early)

@@ -1,0 +1,102 @@
+"""One epoch of training and one pass of evaluation (cf. torchvision's references/classification/train.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from medxai.data.augment import BatchAugmenter
+from medxai.data.prepared import PreparedSplit, iterate_batches
+from medxai.data.preprocess import Preprocessor
+from medxai.train._device import autocast_context
+
+__all__ = ["BatchContext", "train_one_epoch", "predict_split", "model_input", "mean_loss_and_accuracy"]
+
+
+@dataclass
+class BatchContext:
+    """How a stored batch becomes a model input on the device."""
+
+    preprocessor: Preprocessor
+    device: torch.device
+    batch_size: int
+    amp: bool = True
+    channels_last: bool = True
+
+
+def model_input(images: torch.Tensor, context: BatchContext, augmenter=None, generator=None) -> torch.Tensor:
+    """Move a stored ``[0, 1]`` batch to the device, augment it (training only) and normalise it."""
+    batch = images.to(context.device, non_blocking=True).float()
+    if augmenter is not None:
+        batch = augmenter(batch, generator)
+    batch = context.preprocessor.normalize(batch)
+    if context.channels_last and context.device.type == "cuda" and batch.dim() == 4:
+        batch = batch.contiguous(memory_format=torch.channels_last)
+    return batch
+
+
+def train_one_epoch(
+    model: torch.nn.Module,
+    split: PreparedSplit,
+    context: BatchContext,
+    *,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    loss_fn: torch.nn.Module,
+    augmenter: BatchAugmenter,
+    generator: torch.Generator,
+    description: str = "train",
+) -> dict[str, float]:
+    """One pass over ``split`` in a seeded random order; returns mean loss and accuracy on the augmented data."""
+    model.train()
+    total_loss = torch.zeros((), device=context.device)
+    correct = torch.zeros((), device=context.device, dtype=torch.long)
+    seen = 0
+    batches = iterate_batches(split, context.batch_size, shuffle=True, generator=generator)
+    steps = -(-len(split) // context.batch_size)
+    for images, labels in tqdm(batches, total=steps, desc=description, unit="batch", leave=False, disable=None):
+        if images.shape[0] < 2 and len(split) > 1:  # BatchNorm cannot train on a single image
+            continue
+        inputs = model_input(images, context, augmenter, generator)
+        labels = labels.to(context.device, non_blocking=True)
+        with autocast_context(context.device, context.amp):
+            logits = model(inputs)
+        loss = loss_fn(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total_loss += loss.detach() * labels.shape[0]
+        correct += (logits.argmax(dim=1) == labels).sum()
+        seen += labels.shape[0]
+    seen = max(seen, 1)
+    return {"loss": total_loss.item() / seen, "accuracy": correct.item() / seen}
+
+
+@torch.no_grad()
+def predict_split(model: torch.nn.Module, split: PreparedSplit, context: BatchContext) -> torch.Tensor:
+    """Logits ``(N, K)`` for every image of ``split``, in order, as float32 on the CPU."""
+    model.eval()
+    outputs = []
+    for images, _ in iterate_batches(split, context.batch_size, shuffle=False):
+        with autocast_context(context.device, context.amp):
+            outputs.append(model(model_input(images, context)).float())
+    if not outputs:
+        return torch.empty(0, 0)
+    return torch.cat(outputs).cpu()
+
+
+def mean_loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Cross-entropy (unweighted, unsmoothed: comparable across runs) and accuracy of labelled rows."""
+    known = labels >= 0
+    logits, labels = logits[known], labels[known]
+    if labels.numel() == 0:
+        return {"loss": float("nan"), "accuracy": float("nan")}
+    return {
+        "loss": F.cross_entropy(logits, labels).item(),
+        "accuracy": (logits.argmax(dim=1) == labels).float().mean().item(),
+    }
+

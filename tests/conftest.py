@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny synthetic data, the real-data location, and a guard that fails any network access."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("MEDXAI_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Tests never touch the network: any attempt to open a non-local connection fails loudly."""
+    original = socket.socket.connect
+
+    def guarded_connect(self, address):
+        host = address[0] if isinstance(address, tuple) else address
+        if isinstance(host, str) and host not in ("127.0.0.1", "localhost", "::1") and not host.startswith("/"):
+            raise RuntimeError(f"network access attempted in a test: {address}")
+        return original(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded_connect)
+
+
+def real_data_dir() -> Path | None:
+    value = os.environ.get("MEDXAI_DATA_DIR")
+    return Path(value) if value and Path(value).is_dir() else None
+
+
+@pytest.fixture
+def data_dir() -> Path:
+    """The shared real-data folder; tests that need it skip with a reason where it is absent."""
+    folder = real_data_dir()
+    if folder is None:
+        pytest.skip("real data not available: set MEDXAI_DATA_DIR to the shared data folder (see its README.md)")
+    return folder
+
+
+def make_synthetic_npz(path: Path, *, size: int = 28, per_class: int = 40, seed: int = 0) -> Path:
+    """A tiny MedMNIST-style npz whose two classes are separable: a bright blob left (class 0) or right (class 1)."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, count in (("train", per_class), ("val", per_class // 2), ("test", per_class // 2)):
+        labels = np.repeat([0, 1], count)
+        images = rng.integers(0, 60, size=(2 * count, size, size)).astype(np.uint8)
+        for index, label in enumerate(labels):
+            column = size // 4 if label == 0 else 3 * size // 4
+            row = rng.integers(size // 4, 3 * size // 4)
+            images[index, max(0, row - 3) : row + 3, max(0, column - 3) : column + 3] = 220
+        arrays[f"{split}_images"] = images
+        arrays[f"{split}_labels"] = labels.reshape(-1, 1).astype(np.uint8)
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.fixture
+def synthetic_npz(tmp_path) -> Path:
+    return make_synthetic_npz(tmp_path / "synthetic.npz")
