@@ -2,10 +2,16 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# torch and torchvision are pinned in the same pip command as everything else (see DEVELOPERS notes in README):
+# torch and torchvision are pinned in the same pip command as everything else (see README, Development):
 # an unpinned torch would pull a multi-GB download; the project itself declares ranges in pyproject.toml.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
+# Real data beside the checkout (this project's machines) is used when MEDXAI_DATA_DIR is not set already.
+ifeq ($(origin MEDXAI_DATA_DIR), undefined)
+ifneq ($(wildcard ../shared/data/medmnist),)
+export MEDXAI_DATA_DIR := $(abspath ../shared/data)
+endif
+endif
 
 .PHONY: demo test install clean
 
