@@ -193,7 +193,7 @@ def test_short_pneumoniamnist_run_on_the_official_splits(data_dir, tmp_path):
 def test_short_kermany_run_at_reduced_size_and_full_resolution_explanation(data_dir, tmp_path):
     run = _train(
         tmp_path, str(data_dir / "chest_xray_kermany_224"), "--preset", "kermany", "--model", "simple_cnn",
-        "--size", "64", "--epochs", "2", "--set", "train.batch_size=64",
+        "--size", "32", "--epochs", "1", "--set", "train.batch_size=128", "--set", "data.num_workers=2",
     )
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["test"]["n"] == 624

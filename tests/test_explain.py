@@ -383,10 +383,10 @@ def test_unknown_and_unsuitable_layers() -> None:
 
 
 def test_registry() -> None:
-    assert CAM_METHODS == {"gradcam": GradCAM}
+    assert CAM_METHODS["gradcam"] is GradCAM  # the other methods: tests/test_explain_methods.py
     assert get_cam_method("Grad-CAM") is GradCAM and issubclass(GradCAM, BaseCAM)
     with pytest.raises(ConfigError, match="gradcam"):
-        get_cam_method("scorecam")
+        get_cam_method("eigencam")
 
 
 # --------------------------------------------------------------------------------------------------------- overlay

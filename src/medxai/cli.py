@@ -83,6 +83,48 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--npy", action="store_true", help="also save raw heatmaps as .npy")
     explain.add_argument("--json", action="store_true")
     explain.add_argument("--device", default="auto")
+    explain.add_argument("--hash-names", action="store_true",
+                         help="name outputs by a hash of the input's relative path (for file names that hold PHI)")
+    explain.add_argument("--dicom-sc", action="store_true",
+                         help="for DICOM inputs, also write the overlay as a DICOM Secondary Capture (.dcm) "
+                              "referencing the source study and series; no patient data unless the next option")
+    explain.add_argument("--dicom-sc-copy-patient", action="store_true",
+                         help="copy the patient and study identification into the Secondary Capture (PHI!)")
+
+    check_data = commands.add_parser("check-data", help="counts, unreadable files, duplicates within and across splits")
+    check_data.add_argument("path", help="image folder, CSV manifest, .npz file or MedMNIST subset name")
+    check_data.add_argument("--json", action="store_true", help="print the full result as JSON")
+    check_data.add_argument("--out", help="also write the full result to this JSON file")
+    check_data.add_argument("--near-threshold", type=int, default=None,
+                            help="largest perceptual-hash distance (of 256 bits) for a near duplicate (default 24)")
+    check_data.add_argument("--patient-pattern", help="regex giving the patient id from file names")
+
+    report = commands.add_parser("report", help="write a run's self-contained HTML report (train and demo do this too)")
+    report.add_argument("run", help="run folder")
+    report.add_argument("--out", help="HTML file to write (default: RUN/report.html)")
+
+    compare = commands.add_parser("compare", help="table of runs: model, data, metrics with 95%% confidence intervals")
+    compare.add_argument("runs", nargs="+", help="run folders")
+    compare.add_argument("--split", help="split to compare (default: test where present, else val)")
+    compare.add_argument("--json", action="store_true", help="print the rows as JSON")
+
+    explain_eval = commands.add_parser(
+        "explain-eval", help="faithfulness (deletion, insertion, ROAD vs random maps) and sanity check of CAM methods"
+    )
+    explain_eval.add_argument("run", help="run folder")
+    explain_eval.add_argument("--data", required=True, help="image folder, CSV manifest, .npz or MedMNIST name")
+    explain_eval.add_argument("--split", default="test", help="train, val, test, or all (default: test)")
+    explain_eval.add_argument("--methods", default="gradcam",
+                              help="comma-separated CAM methods (default: gradcam; e.g. gradcam,scorecam)")
+    explain_eval.add_argument("--max-images", type=int, default=200,
+                              help="evaluate a seeded random subset of at most this many images (default 200)")
+    explain_eval.add_argument("--steps", type=int, default=20, help="deletion/insertion steps (default 20)")
+    explain_eval.add_argument("--baseline", choices=("blur", "mean"), default="blur",
+                              help="what deleted pixels become (default: blur)")
+    explain_eval.add_argument("--seed", type=int, default=0)
+    explain_eval.add_argument("--device", default="auto")
+    explain_eval.add_argument("--out", help="where explain_metrics.json goes (default: the run folder)")
+    explain_eval.add_argument("--json", action="store_true", help="print explain_metrics.json")
 
     commands.add_parser("models", help="list the registered architectures")
     commands.add_parser("presets", help="list the configuration presets")
@@ -120,6 +162,7 @@ def _run_demo(arguments: argparse.Namespace) -> int:
     run_dir = train_run(config, overwrite=True)
     _print_metrics_table(run_dir, title=f"PneumoniaMNIST, {config.model.name} (cf. the founding paper's Table 1)")
     console.print(f"run folder: [bold]{run_dir}[/]  ({time.perf_counter() - started:.0f} s)")
+    console.print(f"report: [bold]{run_dir / 'report.html'}[/] (open it in a browser)")
     return 0
 
 
@@ -139,6 +182,7 @@ def _run_train(arguments: argparse.Namespace) -> int:
     run_dir = train_run(config, resume=arguments.resume, overwrite=arguments.overwrite)
     _print_metrics_table(run_dir, title=f"{config.data.source}, {config.model.name}")
     console.print(f"run folder: [bold]{run_dir}[/]")
+    console.print(f"report: [bold]{run_dir / 'report.html'}[/] (open it in a browser)")
     return 0
 
 
@@ -186,9 +230,12 @@ def _run_predict(arguments: argparse.Namespace) -> int:
 
 
 def _run_explain(arguments: argparse.Namespace) -> int:
+    import hashlib
+
     import numpy as np
 
     from medxai.classifier import load
+    from medxai.data.dicom_sc import is_dicom_file, write_secondary_capture
     from medxai.explain import save_overlay
     from medxai.workflow import write_skipped
 
@@ -207,10 +254,20 @@ def _run_explain(arguments: argparse.Namespace) -> int:
     written = []
     for explanation in explanations:
         stem = _output_stem(explanation.prediction.id, arguments.images)
+        if arguments.hash_names:
+            stem = hashlib.sha256(stem.encode()).hexdigest()[:20]
         path = save_overlay(out / f"{stem}.png", explanation.image, explanation.heatmap,
                             colormap=arguments.colormap, alpha=arguments.alpha)
         if arguments.npy:
             np.save(out / f"{stem}.npy", explanation.heatmap)
+        if arguments.dicom_sc and is_dicom_file(explanation.prediction.id):
+            description = f"{explanation.method} heatmap overlay ({explanation.target_label})"
+            try:
+                write_secondary_capture(explanation.overlay(colormap=arguments.colormap, alpha=arguments.alpha),
+                                        explanation.prediction.id, out / f"{stem}.dcm",
+                                        copy_patient=arguments.dicom_sc_copy_patient, description=description)
+            except InvalidImageError as error:  # the PNG overlay stands; only the DICOM copy is missing
+                logger.warning("no DICOM secondary capture for %s: %s", error.path, error.reason)
         written.append((explanation, path))
     write_skipped(out / "skipped.csv", skipped)
     if arguments.json:
@@ -230,6 +287,22 @@ def _run_explain(arguments: argparse.Namespace) -> int:
     return 0 if written or not files else 1
 
 
+def _run_check_data(arguments: argparse.Namespace) -> int:
+    from medxai.data.check import NEAR_DUPLICATE_BITS, check_data, check_data_table
+
+    threshold = NEAR_DUPLICATE_BITS if arguments.near_threshold is None else arguments.near_threshold
+    result = check_data(arguments.path, near_threshold=threshold, patient_pattern=arguments.patient_pattern)
+    if arguments.out:
+        Path(arguments.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(arguments.out).write_text(json.dumps(result, indent=2))
+    if arguments.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for table in check_data_table(result):
+            console.print(table)
+    return 0
+
+
 def _run_models(arguments: argparse.Namespace) -> int:
     from medxai.models import list_models, model_spec
 
@@ -241,6 +314,53 @@ def _run_models(arguments: argparse.Namespace) -> int:
         layer = spec.cam_layer if isinstance(spec.cam_layer, str) else "depends on input size"
         table.add_row(name, layer, spec.pretrained_source or "-", spec.description)
     console.print(table)
+    return 0
+
+
+def _run_report(arguments: argparse.Namespace) -> int:
+    from medxai.report.html import build_report
+
+    path = build_report(arguments.run, arguments.out)
+    console.print(f"report: [bold]{path}[/] ({path.stat().st_size / 1e6:.2f} MB)")
+    return 0
+
+
+def _run_compare(arguments: argparse.Namespace) -> int:
+    from medxai.report.compare import compare_runs, comparison_table
+
+    rows = compare_runs(arguments.runs, split=arguments.split)
+    if arguments.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        console.print(comparison_table(rows, title="runs compared (value, 95% CI)"))
+    return 0
+
+
+def _run_explain_eval(arguments: argparse.Namespace) -> int:
+    from medxai.explain._evaluation import EXPLAIN_METRICS_FILE, evaluate_explanations
+
+    methods = [name.strip() for name in arguments.methods.split(",") if name.strip()]
+    document = evaluate_explanations(
+        arguments.run, arguments.data, arguments.split, methods=methods, max_images=arguments.max_images,
+        steps=arguments.steps, baseline=arguments.baseline, seed=arguments.seed, device=arguments.device,
+        out=arguments.out,
+    )
+    if arguments.json:
+        print(json.dumps(document, indent=2))
+        return 0
+    table = Table(title=f"{document['data']} ({document['split']}, {document['n_images']} images, "
+                        f"{document['baseline']} baseline): method (random heatmap)")
+    for column in ("method", "deletion AUC (lower)", "insertion AUC (higher)", "ROAD MoRF (lower)",
+                   "ROAD LeRF (higher)", "sanity check", "seconds"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for name, entry in document["methods"].items():
+        chance = entry["random_baseline"]
+        cells = [f"{entry[key]:.4f} ({chance[key]:.4f})" for key in ("deletion_auc", "insertion_auc", "road_morf",
+                                                                     "road_lerf")]
+        sanity = "passed" if entry["sanity_check"]["passed"] else "[red]FAILED[/]"
+        table.add_row(name, *cells, sanity, f"{entry['seconds']:.0f}")
+    console.print(table)
+    console.print(f"written: [bold]{Path(arguments.out or arguments.run) / EXPLAIN_METRICS_FILE}[/]")
     return 0
 
 
@@ -261,6 +381,10 @@ _COMMANDS = {
     "explain": _run_explain,
     "models": _run_models,
     "presets": _run_presets,
+    "explain-eval": _run_explain_eval,
+    "check-data": _run_check_data,
+    "report": _run_report,
+    "compare": _run_compare,
 }
 
 

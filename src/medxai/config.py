@@ -45,6 +45,7 @@ class DataConfig:
     patient_pattern: str | None = None  # regex on file names; group 1 = patient id, used to group splits
     split_seed: int = 0  # seed of the carved splits (independent of the training seed)
     num_workers: int = 0  # decoding processes; 0 decodes in the main process
+    drop_test_duplicates: bool = False  # drop test images with an exact/near duplicate in train (data_check.json)
 
 
 @dataclass
@@ -111,6 +112,11 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     channels_last: bool = True  # memory format on CUDA (ignored on CPU)
     threads: int = 0  # CPU threads for torch; 0 leaves torch's default
+    # After training, on the VALIDATION split only (the test split never chooses anything):
+    temperature_scaling: bool = True  # fit a calibration temperature (Guo et al. 2017); saved in the model card
+    threshold_method: str = "youden"  # binary operating point: "youden" (max J), "sensitivity" (target below), "argmax"
+    target_sensitivity: float = 0.95  # the validation sensitivity to reach with threshold_method "sensitivity"
+    bootstrap_resamples: int = 1000  # resamples for the 95% confidence intervals in metrics.json; 0 leaves them out
 
 
 @dataclass

@@ -11,6 +11,8 @@ from pathlib import Path
 __all__ = [
     "MedxaiError",
     "InvalidImageError",
+    "UnsupportedDicomError",
+    "ImageTooLargeError",
     "DataError",
     "ConfigError",
     "CheckpointError",
@@ -34,6 +36,18 @@ class InvalidImageError(MedxaiError):
         self.path = str(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
+
+
+class UnsupportedDicomError(InvalidImageError):
+    """A DICOM file that medxai cannot use as an image: a structured report, a waveform, a presentation state or
+    any other object without pixel data, a segmentation, or an unsupported photometric interpretation or bit depth."""
+
+
+class ImageTooLargeError(InvalidImageError):
+    """An image, volume or compressed stream larger than the configured limits (a possible decompression bomb).
+
+    The limits live in :mod:`medxai.data._limits`; raise them there for files you trust.
+    """
 
 
 class DataError(MedxaiError):

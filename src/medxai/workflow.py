@@ -27,9 +27,15 @@ from medxai.data.preprocess import Preprocessor, channel_statistics
 from medxai.data.sources import Record, Source
 from medxai.errors import ConfigError, DataError
 from medxai.evaluate import classification_metrics
+from medxai.evaluate.calibration import TemperatureScaler
+from medxai.evaluate.summary import summarize_split
+from medxai.evaluate.thresholds import THRESHOLD_METHODS, choose_threshold
 from medxai.models import create_model
 from medxai.models.card import MODEL_CARD_FILE, ModelCard
+from medxai.models.checkpoint import save_weights
 from medxai.report import plot_confusion_matrix, plot_roc_curves, plot_training_curves
+from medxai.report.html import build_report
+from medxai.report.plots import plot_precision_recall, plot_reliability_diagram
 from medxai.train import BatchContext, fit, predict_split, read_history, resolve_device
 
 __all__ = ["train_run", "evaluate_run", "write_skipped", "SplitEvaluation", "POSITIVE_LABEL_HINTS"]
@@ -52,6 +58,7 @@ class SplitEvaluation:
 def train_run(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
     """Train, evaluate and explain as ``config`` says; return the run folder."""
     run_dir = Path(config.out_dir) / config.name
+    _check_operating_point_options(config)
     _prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
@@ -66,12 +73,15 @@ def train_run(config: RunConfig, *, resume: bool = False, overwrite: bool = Fals
     write_split_lists(splits, run_dir / "splits")
     prepared = _prepare_splits(source, splits, config)
     write_skipped(run_dir / "skipped.csv", [item for split in prepared.values() for item in split.skipped])
-    _write_data_check(run_dir / "data_check.json", source, prepared)
+    data_check = _write_data_check(run_dir / "data_check.json", source, prepared)
+    if config.data.drop_test_duplicates:
+        _drop_test_duplicates(prepared, data_check, run_dir / "data_check.json")
     if config.preprocess.normalize == "dataset":
         config.preprocess.mean, config.preprocess.std = channel_statistics(prepared["train"].images)
     save_config(config, run_dir / "config.yaml")
 
     device = resolve_device(config.train.device)
+    torch.manual_seed(config.train.seed)  # the initial weights are part of the seeded run
     model = create_model(
         config.model.name,
         num_classes=len(source.label_names),
@@ -100,7 +110,18 @@ def train_run(config: RunConfig, *, resume: bool = False, overwrite: bool = Fals
     )
     monitor = "auc" if config.train.monitor == "auto" else config.train.monitor
     logger.info("best epoch %d, validation %s %.4f", result.best_epoch, monitor, result.best_score)
-    evaluations = [evaluate_prepared(result.model, prepared[name], name, card, context) for name in prepared if name != "train"]
+    val_logits = fit_operating_point(result.model, prepared["val"], card, context, config)
+    card.save(run_dir / MODEL_CARD_FILE)
+    # The weights' own copy of the card gets the temperature and threshold too (it travels without the run folder).
+    save_weights(result.model, card, run_dir / "checkpoints" / "best.safetensors")
+    evaluations = [
+        evaluate_prepared(
+            result.model, prepared[name], name, card, context, logits=val_logits if name == "val" else None,
+            resamples=config.train.bootstrap_resamples, seed=config.train.seed,
+        )
+        for name in prepared
+        if name != "train"
+    ]
     write_metrics(run_dir / "metrics.json", evaluations)
     final = next((item for item in evaluations if item.split == "test"), evaluations[-1])
     card.metrics = {"split": final.split, **_summary(final.metrics)}
@@ -110,6 +131,7 @@ def train_run(config: RunConfig, *, resume: bool = False, overwrite: bool = Fals
     write_gallery(
         classifier, source, splits[final.split], final, run_dir / "heatmaps", config.explain.per_outcome, config
     )
+    build_report(run_dir)
     return run_dir
 
 
@@ -170,20 +192,80 @@ def score_function(monitor: str, card: ModelCard):
 
 
 def evaluate_prepared(
-    model: torch.nn.Module, split: PreparedSplit, name: str, card: ModelCard, context: BatchContext
+    model: torch.nn.Module,
+    split: PreparedSplit,
+    name: str,
+    card: ModelCard,
+    context: BatchContext,
+    *,
+    logits: torch.Tensor | None = None,
+    resamples: int = 1000,
+    seed: int = 0,
 ) -> SplitEvaluation:
-    logits = predict_split(model, split, context)
+    """Metrics of one split (``metrics.json`` schema: :mod:`medxai.evaluate.summary`): at the argmax, with bootstrap
+    intervals, at the card's operating threshold, and calibration with the card's temperature. ``logits`` are the
+    split's logits when already computed."""
+    if logits is None:
+        logits = predict_split(model, split, context)
     known = split.labels >= 0
     if not bool(known.any()):
         raise DataError(f"split '{name}' has no labelled images to evaluate")
-    probabilities = torch.softmax(logits[known] / card.temperature, dim=1).numpy()
-    metrics = classification_metrics(
+    metrics = summarize_split(
         split.labels[known].numpy(),
-        probabilities,
+        logits[known],
         label_names=card.label_names,
         positive_index=card.positive_index,
+        temperature=float(card.temperature or 1.0),
+        threshold=(card.threshold or {}).get("value") if card.is_binary else None,
+        resamples=resamples,
+        seed=seed,
     )
     return SplitEvaluation(name, metrics, logits[known], split.labels[known], [i for i, k in zip(split.ids, known) if k])
+
+
+def fit_operating_point(
+    model: torch.nn.Module, val: PreparedSplit, card: ModelCard, context: BatchContext, config: RunConfig
+) -> torch.Tensor:
+    """Fit the calibration temperature and (binary tasks) the operating threshold on the VALIDATION split only, and
+    store them in ``card``; returns the validation logits. A split where a fit is impossible (one class only) keeps
+    temperature 1 / the argmax, with a warning."""
+    logits = predict_split(model, val, context)
+    known = val.labels >= 0
+    labels = val.labels[known]
+    if config.train.temperature_scaling:
+        try:
+            card.temperature = TemperatureScaler().fit(logits[known], labels).temperature_
+        except ValueError as error:
+            logger.warning("temperature not fitted (%s); keeping 1.0", error)
+    method = config.train.threshold_method
+    if card.is_binary and method != "argmax":
+        probabilities = torch.softmax(logits[known].double() / float(card.temperature), dim=1)
+        try:
+            chosen = choose_threshold(
+                (labels == card.positive_index).numpy(), probabilities[:, card.positive_index].numpy(),
+                method=method, target=config.train.target_sensitivity,
+            )
+        except ValueError as error:
+            logger.warning("operating threshold not chosen (%s); predictions use the argmax", error)
+        else:
+            card.threshold = {
+                "value": chosen["value"], "method": method, "target": chosen["target"],
+                "val_sensitivity": chosen["sensitivity"], "val_specificity": chosen["specificity"],
+            }
+    return logits
+
+
+def _check_operating_point_options(config: RunConfig) -> None:
+    """Fail before training, not after it, on an operating-point option that cannot work."""
+    methods = (*THRESHOLD_METHODS, "argmax")
+    if config.train.threshold_method not in methods:
+        raise ConfigError(
+            f"train.threshold_method must be one of {list(methods)}, got {config.train.threshold_method!r}"
+        )
+    if not 0.0 < config.train.target_sensitivity <= 1.0:
+        raise ConfigError(f"train.target_sensitivity must lie in (0, 1], got {config.train.target_sensitivity}")
+    if config.train.bootstrap_resamples < 0:
+        raise ConfigError(f"train.bootstrap_resamples must be >= 0, got {config.train.bootstrap_resamples}")
 
 
 def write_metrics(path: Path, evaluations: Sequence[SplitEvaluation], merge: bool = False) -> None:
@@ -209,7 +291,8 @@ def write_figures(run_dir: Path, evaluations: Sequence[SplitEvaluation], card: M
     figures.mkdir(parents=True, exist_ok=True)
     if history and (run_dir / "history.csv").is_file():
         rows = read_history(run_dir / "history.csv")
-        best = max(rows, key=lambda row: row["val_score"])["epoch"] if rows else None
+        # train.fit's rule: the highest validation score, ties to the lower validation loss.
+        best = max(rows, key=lambda row: (row["val_score"], -row["val_loss"]))["epoch"] if rows else None
         plot_training_curves(rows, figures / "training_curves.png", best_epoch=int(best) if best else None)
     for evaluation in evaluations:
         probabilities = torch.softmax(evaluation.logits / card.temperature, dim=1).numpy()
@@ -224,6 +307,19 @@ def write_figures(run_dir: Path, evaluations: Sequence[SplitEvaluation], card: M
                 evaluation.labels.numpy(), probabilities, card.label_names,
                 figures / f"roc_{evaluation.split}.png", positive_index=card.positive_index,
             )
+        plot_precision_recall(
+            evaluation.labels.numpy(), probabilities, card.label_names,
+            figures / f"precision_recall_{evaluation.split}.png", positive_index=card.positive_index,
+        )
+        plot_reliability_diagram(
+            evaluation.labels.numpy(), probabilities, figures / f"reliability_{evaluation.split}.png",
+            uncalibrated_probabilities=(
+                torch.softmax(evaluation.logits, dim=1).numpy() if card.temperature != 1.0 else None
+            ),
+            class_index=card.positive_index if card.is_binary else None,
+            class_name=card.label_names[card.positive_index] if card.is_binary else None,
+            title=f"Reliability diagram ({evaluation.split}, n={evaluation.metrics['n']})",
+        )
 
 
 def write_gallery(
@@ -243,7 +339,9 @@ def write_gallery(
     chosen: list[tuple[str, str]] = []  # (outcome, id)
     for outcome, mask in _outcomes(evaluation.labels, predicted, classifier.card).items():
         indices = mask.nonzero().flatten()
-        confidence = probabilities[indices].max(dim=1).values
+        # Confidence in the decision taken: under an operating threshold the predicted label need not be the most
+        # probable one, so rank by the probability of the predicted label, not by the largest probability.
+        confidence = probabilities[indices, predicted[indices]]
         for index in indices[confidence.argsort(descending=True)][:per_outcome].tolist():
             chosen.append((outcome, evaluation.ids[index]))
     if not chosen:
@@ -251,13 +349,40 @@ def write_gallery(
     images = [source.load(by_id[sample_id]).image for _, sample_id in chosen]
     explanations = classifier.explain(images, method=config.explain.method, layer=config.explain.layer)
     written = []
+    truth = dict(zip(evaluation.ids, evaluation.labels.tolist()))
+    entries = []
     for (outcome, sample_id), explanation in zip(chosen, explanations):
         stem = f"{outcome}_{_safe_name(sample_id)}_p{max(explanation.prediction.probabilities.values()):.2f}"
         overlay = explanation.overlay(colormap=config.explain.colormap, alpha=config.explain.alpha)
         written.append(_save_display_png(out_dir / f"{stem}.png", overlay))
         if config.explain.save_npy:
             np.save(out_dir / f"{stem}.npy", explanation.heatmap)
+        entries.append(_gallery_entry(outcome, sample_id, explanation, truth[sample_id], written[-1], classifier.card))
+    # What the report's gallery shows: one entry per overlay, in the order written.
+    (out_dir / "gallery.json").write_text(json.dumps(
+        {"split": evaluation.split, "method": config.explain.method,
+         "decision_rule": explanations[0].prediction.decision_rule, "items": entries}, indent=2,
+    ))
     return written
+
+
+def _gallery_entry(outcome: str, sample_id: str, explanation, label_index: int, path: Path, card: ModelCard) -> dict:
+    """One ``heatmaps/gallery.json`` item: outcome, id, true and predicted label, probabilities, file name."""
+    prediction = explanation.prediction
+    return {
+        "outcome": outcome,
+        "id": sample_id,
+        "label": card.label_names[label_index],
+        "predicted": prediction.label,
+        # The probability of the predicted label (under a threshold it need not be the largest), and of every label.
+        "probability": prediction.probabilities[prediction.label],
+        "probability_positive": (
+            prediction.probabilities[card.label_names[card.positive_index]] if card.is_binary else None
+        ),
+        "probabilities": prediction.probabilities,
+        "explained_label": explanation.target_label,
+        "file": path.name,
+    }
 
 
 def _save_display_png(path: Path, overlay: np.ndarray, min_side: int = 224) -> Path:
@@ -328,21 +453,54 @@ def _prepare_splits(source: Source, splits: dict[str, list[Record]], config: Run
     return prepared
 
 
-def _write_data_check(path: Path, source: Source, prepared: dict[str, PreparedSplit]) -> None:
-    """Counts per split and class and unreadable files (duplicate checks are a later addition)."""
-    names = source.label_names
-    summary = {
-        "source": source.description,
-        "fingerprint": source.fingerprint(),
-        "label_names": names,
-        "splits": {
-            split: {"n": len(data), "per_class": dict(zip(names, data.class_counts(len(names))))}
-            for split, data in prepared.items()
-        },
-        "unreadable": [{"file": file, "reason": reason} for split in prepared.values() for file, reason in split.skipped],
-        "source_skipped": [{"file": file, "reason": reason} for file, reason in getattr(source, "skipped", [])],
-    }
-    path.write_text(json.dumps(summary, indent=2))
+def _write_data_check(path: Path, source: Source, prepared: dict[str, PreparedSplit]) -> dict[str, Any]:
+    """Counts per split and class, unreadable files, exact and near duplicates within and across splits (hashed
+    from the prepared images the model sees, see :mod:`medxai.data.check`), image sizes and modes; written to
+    ``data_check.json`` and returned. Cross-split duplicates are logged as a loud warning."""
+    from medxai.data.check import check_prepared
+
+    result = check_prepared(source, prepared)
+    path.write_text(json.dumps(result, indent=2))
+    counts = result["duplicates"]["counts"]
+    if counts["cross_split_pairs"]:
+        examples = "; ".join(
+            f"{entry['a']['split']}:{entry['a']['id']} = {entry['b']['split']}:{entry['b']['id']}"
+            for entry in result["duplicates"]["cross_split"][:3]
+        )
+        logger.warning(
+            "DATA LEAK: %d duplicate pair(s) ACROSS SPLITS (%d exact), e.g. %s. Test scores will be optimistic; "
+            "see %s, or set data.drop_test_duplicates=true to drop test images duplicated in train",
+            counts["cross_split_pairs"], counts["cross_split_exact_pairs"], examples, path,
+        )
+    if counts["exact_groups"] or counts["near_pairs"]:
+        logger.info("data check: %d exact duplicate group(s), %d near-duplicate pair(s) (%.1f s)",
+                    counts["exact_groups"], counts["near_pairs"], result["seconds"])
+    return result
+
+
+def _drop_test_duplicates(prepared: dict[str, PreparedSplit], data_check: dict[str, Any], path: Path) -> None:
+    """Remove test images that duplicate a train image (exact or near) before evaluation; record them."""
+    from medxai.data.check import leaked_ids
+
+    if "test" not in prepared:
+        return
+    leaked = leaked_ids(data_check, against=("train",), split="test")
+    test = prepared["test"]
+    keep = [index for index, sample_id in enumerate(test.ids) if sample_id not in leaked]
+    if len(keep) == len(test):
+        logger.info("drop_test_duplicates: no test image duplicates a train image")
+    else:
+        if not keep:
+            raise DataError("drop_test_duplicates would remove every test image: the test split is a copy of train")
+        index = torch.tensor(keep, dtype=torch.long)
+        prepared["test"] = PreparedSplit(
+            images=test.images[index], labels=test.labels[index], ids=[test.ids[i] for i in keep],
+            boxes=[test.boxes[i] for i in keep], skipped=test.skipped,
+        )
+        logger.warning("drop_test_duplicates: dropped %d of %d test images duplicated in train; %d remain",
+                       len(test) - len(keep), len(test), len(keep))
+    data_check["dropped_from_test"] = sorted(leaked & set(test.ids))
+    path.write_text(json.dumps(data_check, indent=2))
 
 
 def _new_card(model: torch.nn.Module, config: RunConfig, source: Source) -> ModelCard:

@@ -11,6 +11,7 @@ from medxai.data.sources import (
     open_source,
     read_image,
 )
+from medxai.data._nifti import VolumeSliceSource
 from medxai.data.splits import carve_splits, read_split_lists, resolve_splits, write_split_lists
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "ImageFolderSource",
     "MedMNISTSource",
     "ManifestSource",
+    "VolumeSliceSource",
     "read_image",
     "is_hidden_or_system",
     "carve_splits",

@@ -168,7 +168,9 @@ def _scale_intensity(pixels: np.ndarray, config: PreprocessConfig, name: str) ->
             return (values - info.min) / float(info.max - info.min)
         return np.clip(values, 0.0, 1.0)
     if mode == "percentile":
-        low, high = np.percentile(values, config.clip_percentiles)
+        # Python floats, not NumPy float64 scalars: under NumPy 2's promotion rules those would turn float32 images
+        # (DICOM, NIfTI, float TIFF) into float64 tensors that the model rejects.
+        low, high = (float(value) for value in np.percentile(values, config.clip_percentiles))
         values = np.clip(values, low, high)
     low, high = float(values.min()), float(values.max())
     if high - low < 1e-12:

@@ -11,7 +11,11 @@ from __future__ import annotations
 from medxai.errors import ConfigError
 from medxai.explain.base import BaseCAM, CAMResult
 from medxai.explain.grad_cam import GradCAM
+from medxai.explain.grad_cam_plusplus import GradCAMPlusPlus
+from medxai.explain.hirescam import HiResCAM
+from medxai.explain.layercam import LayerCAM
 from medxai.explain.overlay import overlay_heatmap, save_heatmap_npy, save_overlay
+from medxai.explain.score_cam import ScoreCAM
 from medxai.explain.targets import (
     BinaryLogitTarget,
     ClassTarget,
@@ -19,10 +23,16 @@ from medxai.explain.targets import (
     SoftmaxProbabilityTarget,
     Target,
 )
+from medxai.explain.xgrad_cam import XGradCAM
 
 __all__ = [
     "BaseCAM",
     "GradCAM",
+    "GradCAMPlusPlus",
+    "HiResCAM",
+    "LayerCAM",
+    "XGradCAM",
+    "ScoreCAM",
     "CAMResult",
     "CAM_METHODS",
     "get_cam_method",
@@ -40,16 +50,22 @@ __all__ = [
 #: without "-" or "_" (e.g. "gradcamplusplus", "hirescam"), as get_cam_method looks them up.
 CAM_METHODS: dict[str, type[BaseCAM]] = {
     "gradcam": GradCAM,
+    "gradcamplusplus": GradCAMPlusPlus,
+    "hirescam": HiResCAM,
+    "layercam": LayerCAM,
+    "xgradcam": XGradCAM,
+    "scorecam": ScoreCAM,
 }
 
 
 def get_cam_method(name: str) -> type[BaseCAM]:
-    """The CAM class registered under ``name``; case, ``-`` and ``_`` are ignored (``"Grad-CAM"`` -> GradCAM).
+    """The CAM class registered under ``name``; case, ``-`` and ``_`` are ignored (``"Grad-CAM"`` -> GradCAM),
+    and ``+`` reads as "plus" (``"Grad-CAM++"`` -> GradCAMPlusPlus).
 
     Raises:
         ConfigError: unknown name (the message lists the known ones).
     """
-    key = name.lower().replace("-", "").replace("_", "")
+    key = name.lower().replace("-", "").replace("_", "").replace("+", "plus")
     try:
         return CAM_METHODS[key]
     except KeyError:

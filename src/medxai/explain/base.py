@@ -10,6 +10,12 @@ One call explains a batch with ONE forward and (for gradient methods) ONE backwa
 4. upsample each layer's map to the input size, average several layers' min-max normalised maps, and min-max
    normalise the result per sample.
 
+Only the part of the network after the first target layer records an autograd graph: the layers before it run as
+in plain inference (no saved activations, no graph), and the backward pass stops at the target layers, where the
+gradient the methods need lives. Nothing below a target layer can change ``d score / d A`` (a path that bypasses
+``A`` is a constant for that partial derivative), so the maps are exactly those of a full-graph forward, at about
+the cost of one inference forward (see ``benchmarks/explain_throughput.py``).
+
 All of it runs in torch on the model's device, for 2D ``(B, C, H, W)`` and 3D ``(B, C, D, H, W)`` inputs alike
 (``b, c, *spatial = activations.shape``), as in MONAI's ``class_activation_maps.py``; the split into a tiny base
 and one file per method follows pytorch-grad-cam's ``base_cam.py``.
@@ -22,8 +28,9 @@ inputs and target it needs in the :class:`CAMContext` that ``combine`` receives.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -149,6 +156,30 @@ def _model_device(model: nn.Module, fallback: torch.device) -> torch.device:
     return fallback
 
 
+@contextlib.contextmanager
+def _record_graph_from(model: nn.Module, layer_names: Sequence[str]) -> Iterator[None]:
+    """Run a forward pass without autograd until the first of ``layer_names`` has run, and with it afterwards.
+
+    A forward hook on each layer (prepended, so that it runs before the capture hook of
+    :func:`~medxai.explain._hooks.capture_activations_and_gradients`) switches gradient recording on; the capture
+    hook then sees a layer output that does not require grad and makes it a leaf of the graph. The grad mode in
+    force on entry is restored on exit, also when the block raises, and every hook is removed.
+    """
+    previous = torch.is_grad_enabled()
+
+    def enable_grad(module: nn.Module, args: object, output: object) -> None:
+        torch.set_grad_enabled(True)
+
+    handles = [resolve_layer(model, name).register_forward_hook(enable_grad, prepend=True) for name in layer_names]
+    try:
+        torch.set_grad_enabled(False)
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        torch.set_grad_enabled(previous)
+
+
 def _as_logits(output: object, batch_size: int) -> Tensor:
     if not isinstance(output, Tensor):
         raise ModelError(f"CAM needs a model that returns a logits tensor, got {type(output).__name__}")
@@ -205,7 +236,8 @@ class BaseCAM:
         """The method's weight for each channel: ``(B, C, *spatial)`` inputs -> ``(B, C)``.
 
         Args:
-            activations: ``(B, C, *spatial)`` float32 detached activations of one target layer.
+            activations: ``(B, C, *spatial)`` detached activations of one target layer, float32 (float64 for a
+                float64 model).
             gradients: the same shape, gradients of each sample's score with respect to them (None when
                 ``uses_gradients`` is False).
         """
@@ -217,7 +249,8 @@ class BaseCAM:
         Override for methods that are not a channel-weighted sum of activations.
 
         Args:
-            activations: ``(B, C, *spatial)`` float32 detached activations of one target layer.
+            activations: ``(B, C, *spatial)`` detached activations of one target layer, float32 (float64 for a
+                float64 model).
             gradients: the same shape, or None when ``uses_gradients`` is False.
             context: the model, inputs, target and logits of this call.
         """
@@ -254,16 +287,12 @@ class BaseCAM:
             batch = inputs.detach().to(device)
             if batch.is_inference():
                 batch = batch.clone()  # inference tensors cannot take part in autograd
-            with capture_activations_and_gradients(self.model, self.target_layers) as capture:
-                logits = _as_logits(self.model(batch), batch.shape[0])
-                scores = target_fn(logits)
-                if not isinstance(scores, Tensor) or scores.shape != (batch.shape[0],):
-                    got = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
-                    raise ConfigError(f"a target must return one score per sample, shape ({batch.shape[0]},); "
-                                      f"got {got}")
-                classes = target_classes(target_fn, logits)
-                activations = {name: a.detach() for name, a in capture.activations.items()}
-                gradients = capture.gradients(scores.sum()) if self.uses_gradients else None
+            logits, activations, gradients, classes = self._forward(batch, target_fn, graph_from_layers=True)
+            if gradients is None and self.uses_gradients:
+                # The score does not depend on what was recorded from the target layers on (the model switches
+                # autograd off inside its forward after them): record the whole forward, as far as the model lets.
+                logger.debug("recording the whole forward graph for %s", type(self.model).__name__)
+                logits, activations, gradients, classes = self._forward(batch, target_fn, graph_from_layers=False)
         logits = logits.detach()
 
         with torch.no_grad():
@@ -276,9 +305,11 @@ class BaseCAM:
                         f"layer {name!r} gives shape {tuple(activation.shape)}, not a (B, C, *spatial) feature map "
                         f"matching the input {tuple(batch.shape)}; choose a convolutional layer"
                     )
-                gradient = gradients[name].float() if gradients is not None else None
+                # At least float32 (half-precision activations of an autocast forward are promoted); float64 stays.
+                dtype = torch.promote_types(activation.dtype, torch.float32)
+                gradient = gradients[name].to(dtype) if gradients is not None else None
                 context = CAMContext(self.model, batch, target_fn, logits, classes, name)
-                layer_map = self.combine(activation.float(), gradient, context)
+                layer_map = self.combine(activation.to(dtype), gradient, context)
                 layer_maps.append(upsample_maps(layer_map, spatial_size))
             if len(layer_maps) == 1:
                 raw_maps = layer_maps[0]
@@ -286,6 +317,39 @@ class BaseCAM:
                 raw_maps = torch.stack([normalize_per_sample(m) for m in layer_maps]).mean(dim=0)
             maps = normalize_per_sample(raw_maps)
         return CAMResult(maps=maps, raw_maps=raw_maps, logits=logits, target_class=classes)
+
+    def _forward(
+        self, batch: Tensor, target_fn: Callable[[Tensor], Tensor], *, graph_from_layers: bool
+    ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor] | None, Tensor]:
+        """One forward (and, for gradient methods, one backward) pass: logits, activations, gradients, classes.
+
+        With ``graph_from_layers`` the graph is recorded only from the first target layer on (gradient methods) or
+        not at all (gradient-free ones). Gradients are None for gradient-free methods, and also when the score
+        turns out not to depend on the graph (the caller then retries with the whole graph).
+        """
+        if not graph_from_layers:
+            recording = contextlib.nullcontext()
+        elif self.uses_gradients:
+            recording = _record_graph_from(self.model, self.target_layers)
+        else:
+            recording = torch.no_grad()
+        with recording, capture_activations_and_gradients(self.model, self.target_layers) as capture:
+            logits = _as_logits(self.model(batch), batch.shape[0])
+            # The model may leave autograd off after its forward (a head under its own no_grad/enable_grad blocks
+            # restores the mode they found): the target's score is recorded regardless.
+            with torch.set_grad_enabled(self.uses_gradients):
+                scores = target_fn(logits)
+                total = scores.sum() if isinstance(scores, Tensor) else None
+            if not isinstance(scores, Tensor) or scores.shape != (batch.shape[0],):
+                got = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+                raise ConfigError(f"a target must return one score per sample, shape ({batch.shape[0]},); "
+                                  f"got {got}")
+            classes = target_classes(target_fn, logits)
+            activations = {name: a.detach() for name, a in capture.activations.items()}
+            gradients = None
+            if self.uses_gradients and (scores.requires_grad or not graph_from_layers):
+                gradients = capture.gradients(total)
+        return logits, activations, gradients, classes
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(target_layers={self.target_layers})"

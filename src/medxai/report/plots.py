@@ -1,4 +1,5 @@
-"""Figures for a run folder: training curves, confusion matrix, ROC and precision-recall curves (PNG).
+"""Figures for a run folder: training curves, confusion matrix, ROC and precision-recall curves, reliability diagram
+(PNG).
 
 Figures are built with :class:`matplotlib.figure.Figure` directly rather than through ``pyplot``. That renders with
 the Agg canvas without selecting a backend (so it works headless, and a user's notebook backend is left alone),
@@ -19,6 +20,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from numpy.typing import ArrayLike
 
+from medxai.evaluate.calibration import DEFAULT_BINS, reliability_curve
 from medxai.evaluate.metrics import average_precision, precision_recall_curve, roc_auc, roc_curve
 
 __all__ = [
@@ -26,6 +28,7 @@ __all__ = [
     "plot_confusion_matrix",
     "plot_roc_curves",
     "plot_precision_recall",
+    "plot_reliability_diagram",
 ]
 
 logger = logging.getLogger(__name__)
@@ -244,6 +247,70 @@ def plot_precision_recall(
         title="Precision-recall curve" if is_binary else "Precision-recall curves (one-vs-rest)",
         legend_location="lower left",
     )
+    return _save(figure, out_path)
+
+
+def plot_reliability_diagram(
+    y_true: ArrayLike,
+    probabilities: ArrayLike,
+    out_path: str | Path,
+    *,
+    uncalibrated_probabilities: ArrayLike | None = None,
+    class_index: int | None = None,
+    class_name: str | None = None,
+    n_bins: int = DEFAULT_BINS,
+    title: str = "Reliability diagram",
+) -> Path:
+    """Plot a reliability diagram (DeGroot & Fienberg 1983; Guo et al. 2017) with a histogram of the confidences.
+
+    Each non-empty bin is a point at (mean predicted probability, observed frequency); a calibrated model lies on the
+    diagonal. The expected calibration error of the bins is given in the legend. The lower panel shows how many
+    samples fall in each bin, which says how much each point can be trusted.
+
+    Args:
+        y_true: true class indices, shape (N,).
+        probabilities: class probabilities, shape (N, K), after calibration.
+        out_path: where to write the PNG; parent folders are created.
+        uncalibrated_probabilities: the probabilities before temperature scaling, drawn as a second, dashed curve.
+        class_index: None for the top-label reading (confidence of the predicted class against accuracy); a class
+            index to read that class's probability against how often it is the truth (binary tasks: the positive
+            class). See :mod:`medxai.evaluate.calibration`.
+        class_name: the name of ``class_index`` for the axis labels.
+        n_bins: number of equal-width bins.
+        title: the figure title.
+
+    Returns:
+        The path of the written PNG.
+    """
+    curves = [("calibrated" if uncalibrated_probabilities is not None else "model", probabilities, "-o")]
+    if uncalibrated_probabilities is not None:
+        curves.append(("before temperature scaling", uncalibrated_probabilities, "--s"))
+    figure = Figure(figsize=(5.5, 6.2), dpi=FIGURE_DPI, layout="constrained")
+    curve_axes, count_axes = figure.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    curve_axes.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="perfect calibration")
+    width = 1.0 / n_bins
+    for offset, (label, values, style) in enumerate(curves):
+        curve = reliability_curve(y_true, values, n_bins=n_bins, class_index=class_index)
+        filled = curve.counts > 0
+        curve_axes.plot(
+            curve.mean_confidence[filled], curve.observed_frequency[filled], style, markersize=4, linewidth=1.5,
+            label=f"{label} (ECE = {curve.ece:.3f})",
+        )
+        count_axes.bar(
+            curve.bin_edges[:-1] + width * (0.25 + 0.5 * offset), curve.counts, width=width / len(curves) * 0.9,
+            align="center", alpha=0.7, label=label,
+        )
+    if class_index is None:
+        x_label, y_label = "confidence (probability of the predicted class)", "accuracy (fraction correct)"
+    else:
+        name = class_name if class_name is not None else f"class {class_index}"
+        x_label, y_label = f"predicted probability of {name}", f"observed fraction that are {name}"
+    _finish_unit_axes(curve_axes, x_label="", y_label=y_label, title=title, legend_location="upper left")
+    curve_axes.set_aspect("auto")
+    count_axes.set_xlabel(x_label)
+    count_axes.set_ylabel("samples")
+    count_axes.set_yscale("symlog")
+    count_axes.grid(alpha=0.3)
     return _save(figure, out_path)
 
 

@@ -1,0 +1,896 @@
+"""``report.html``: one self-contained page that shows what a run is worth, readable in any browser, offline.
+
+:func:`build_report` reads only what the run folder holds (DESIGN.md, "The run folder"): ``config.yaml``,
+``model_card.json``, ``data_check.json``, ``metrics.json``, ``history.csv``, ``figures/*.png``, ``heatmaps/`` (with
+``gallery.json`` when written) and ``explain_metrics.json`` when explanation quality was measured. Whatever is
+missing is said so in its section rather than failing, so a partial run still gets a report.
+
+The page carries everything inside it: images are base64 ``data:`` URIs, styles are inline, there is no script, no
+web font and no link to anything outside the file, so it can be mailed, archived or opened on a machine without
+network. Big images are scaled down (and, when a PNG stays large, re-encoded as JPEG) to keep the file small; the
+whole page is kept under ``max_bytes`` (5 MB by default) by shrinking images further when needed.
+
+Sections (each an HTML ``<section>`` with a stable ``id``): ``data``, ``config``, ``metrics``, ``per-class``,
+``curves``, ``confusion``, ``roc-pr``, ``calibration``, ``gallery``, ``explanations``, ``model-card``.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import datetime as _datetime
+import html
+import io
+import json
+import logging
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medxai.errors import CheckpointError
+
+__all__ = ["build_report", "REPORT_FILE", "SECTION_IDS", "DEFAULT_MAX_BYTES"]
+
+logger = logging.getLogger(__name__)
+
+REPORT_FILE = "report.html"
+DEFAULT_MAX_BYTES = 5_000_000
+SECTION_IDS = (
+    "data",
+    "config",
+    "metrics",
+    "per-class",
+    "curves",
+    "confusion",
+    "roc-pr",
+    "calibration",
+    "gallery",
+    "explanations",
+    "model-card",
+)
+NOT_FOR_CLINICAL_USE = "Not for clinical use without independent validation on the target population and setting."
+
+# Table 1 of the founding paper reports accuracy, precision, recall and F1; AUC, sensitivity and specificity are what
+# a clinical reader asks next.
+_TABLE_METRICS = (
+    ("accuracy", "Accuracy"),
+    ("precision", "Precision"),
+    ("recall", "Recall"),
+    ("f1", "F1"),
+    ("auc", "AUC"),
+    ("sensitivity", "Sensitivity"),
+    ("specificity", "Specificity"),
+    ("balanced_accuracy", "Balanced acc."),
+)
+_PER_CLASS_METRICS = (("precision", "Precision"), ("recall", "Recall"), ("f1", "F1"),
+                      ("specificity", "Specificity"), ("auc", "AUC (one-vs-rest)"))
+_CLAIMED_FIGURES = re.compile(r"^(training_curves|confusion_matrix_.*|roc_.*|precision_recall_.*|reliability_.*)\.png$")
+_EXPLAIN_FIGURE_HINTS = ("explain", "deletion", "insertion", "road", "sanity", "faithful")
+_OUTCOME_TITLES = {
+    "true_positive": "True positives",
+    "false_negative": "False negatives (missed)",
+    "false_positive": "False positives (false alarms)",
+    "true_negative": "True negatives",
+}
+# (figure max side, gallery max side, JPEG when a PNG exceeds this many bytes), tried in order until the page fits.
+_IMAGE_BUDGETS = ((1100, 320, 250_000), (900, 256, 150_000), (700, 192, 80_000), (500, 144, 40_000))
+
+
+@dataclass(frozen=True)
+class _RunFiles:
+    """Everything the report reads, loaded once."""
+
+    run_dir: Path
+    config_text: str | None
+    card: dict[str, Any] | None
+    data_check: dict[str, Any] | None
+    metrics: dict[str, Any]
+    history: list[dict[str, str]]
+    gallery: dict[str, Any] | None
+    explain_metrics: list[tuple[Path, dict[str, Any]]]
+
+
+def build_report(
+    run_dir: str | Path, out: str | Path | None = None, *, max_bytes: int = DEFAULT_MAX_BYTES
+) -> Path:
+    """Write the run's HTML report.
+
+    Args:
+        run_dir: a run folder written by ``medxai train`` or ``medxai demo``.
+        out: the HTML file to write; defaults to ``run_dir/report.html``.
+        max_bytes: the largest file size wanted; images are shrunk step by step until the page fits (a warning is
+            logged if even the smallest images do not fit).
+
+    Returns:
+        The path of the written file.
+
+    Raises:
+        CheckpointError: if ``run_dir`` is not a run folder (no ``model_card.json`` and no ``metrics.json``).
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir}: run folder not found")
+    if not (run_dir / "model_card.json").is_file() and not (run_dir / "metrics.json").is_file():
+        raise CheckpointError(f"{run_dir}: neither model_card.json nor metrics.json here; is this a medxai run folder?")
+    files = _read_run(run_dir)
+    out_path = Path(out) if out else run_dir / REPORT_FILE
+    page = ""
+    for figure_side, gallery_side, jpeg_above in _IMAGE_BUDGETS:
+        images = _ImageEncoder(figure_side, gallery_side, jpeg_above)
+        page = _render_page(files, images)
+        if len(page.encode("utf-8")) <= max_bytes:
+            break
+    else:
+        logger.warning("report is %.1f MB, above the %.1f MB wanted, even with the smallest images",
+                       len(page.encode("utf-8")) / 1e6, max_bytes / 1e6)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(page, encoding="utf-8")
+    logger.info("report: %s (%.2f MB)", out_path, out_path.stat().st_size / 1e6)
+    return out_path
+
+
+# -- reading -------------------------------------------------------------------------------------------------------
+def _read_run(run_dir: Path) -> _RunFiles:
+    config_path = run_dir / "config.yaml"
+    history: list[dict[str, str]] = []
+    if (run_dir / "history.csv").is_file():
+        with (run_dir / "history.csv").open(newline="") as handle:
+            history = list(csv.DictReader(handle))
+    explain = []
+    for path in sorted(run_dir.glob("explain_metrics.json")) + sorted(run_dir.glob("*/explain_metrics.json")):
+        document = _read_json(path)
+        if isinstance(document, dict):
+            explain.append((path, document))
+    metrics = _read_json(run_dir / "metrics.json")
+    return _RunFiles(
+        run_dir=run_dir,
+        config_text=config_path.read_text(encoding="utf-8", errors="replace") if config_path.is_file() else None,
+        card=_read_json(run_dir / "model_card.json"),
+        data_check=_read_json(run_dir / "data_check.json"),
+        metrics=metrics if isinstance(metrics, dict) else {},
+        history=history,
+        gallery=_read_json(run_dir / "heatmaps" / "gallery.json"),
+        explain_metrics=explain,
+    )
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        logger.warning("report: cannot read %s (%s); its section says so", path, error)
+        return None
+
+
+class _ImageEncoder:
+    """PNG/JPEG files as ``data:`` URIs, scaled to fit the current budget."""
+
+    def __init__(self, figure_side: int, gallery_side: int, jpeg_above: int) -> None:
+        self.figure_side = figure_side
+        self.gallery_side = gallery_side
+        self.jpeg_above = jpeg_above
+
+    def data_uri(self, path: Path, *, gallery: bool = False) -> str | None:
+        from PIL import Image, UnidentifiedImageError
+
+        side = self.gallery_side if gallery else self.figure_side
+        try:
+            raw = path.read_bytes()
+            with Image.open(io.BytesIO(raw)) as opened:
+                image_format = opened.format
+                image = opened.copy()
+        except (OSError, UnidentifiedImageError) as error:
+            logger.warning("report: cannot read image %s (%s); left out", path, error)
+            return None
+        if image_format in ("PNG", "JPEG") and max(image.size) <= side and len(raw) <= self.jpeg_above:
+            # Small enough as it is: embed the file's own bytes (no re-encoding, which is most of the report's time).
+            return f"data:image/{image_format.lower()};base64,{base64.b64encode(raw).decode('ascii')}"
+        if max(image.size) > side:
+            # Gallery overlays of 28 px images were enlarged by nearest neighbour; keep their blocks sharp.
+            resample = Image.NEAREST if gallery and _is_blocky(image) else Image.LANCZOS
+            image.thumbnail((side, side), resample)
+        if image.mode not in ("RGB", "RGBA", "L", "LA", "P"):
+            image = image.convert("RGB")
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", optimize=True)
+        mime = "image/png"
+        if buffer.tell() > self.jpeg_above:
+            buffer = io.BytesIO()
+            image.convert("RGB").save(buffer, format="JPEG", quality=85, optimize=True)
+            mime = "image/jpeg"
+        return f"data:{mime};base64,{base64.b64encode(buffer.getvalue()).decode('ascii')}"
+
+
+def _is_blocky(image) -> bool:
+    """Whether an image looks enlarged by an integer nearest-neighbour factor (equal neighbouring columns)."""
+    small = image.convert("L")
+    width, height = small.size
+    if width < 4 or height < 4:
+        return False
+    pixels = small.load()
+    row = height // 2
+    equal = sum(pixels[x, row] == pixels[x + 1, row] for x in range(width - 1))
+    return equal > 0.7 * (width - 1)
+
+
+# -- page ----------------------------------------------------------------------------------------------------------
+def _render_page(files: _RunFiles, images: _ImageEncoder) -> str:
+    card = files.card or {}
+    name = files.run_dir.resolve().name
+    architecture = card.get("architecture", "unknown model")
+    source = (card.get("train_data") or {}).get("source") or (files.data_check or {}).get("source") or "unknown data"
+    sections: list[tuple[str, str, Callable[[_RunFiles, _ImageEncoder], str]]] = [
+        ("data", "Data", _data_section),
+        ("config", "Configuration", _config_section),
+        ("metrics", "Metrics with 95% confidence intervals", _metrics_section),
+        ("per-class", "Per-class metrics", _per_class_section),
+        ("curves", "Training curves", _curves_section),
+        ("confusion", "Confusion matrices", _confusion_section),
+        ("roc-pr", "ROC and precision-recall curves", _roc_pr_section),
+        ("calibration", "Calibration", _calibration_section),
+        ("gallery", "Grad-CAM gallery", _gallery_section),
+        ("explanations", "Explanation quality", _explanations_section),
+        ("model-card", "Model card", _model_card_section),
+    ]
+    body = []
+    for section_id, title, render in sections:
+        try:
+            content = render(files, images)
+        except Exception as error:  # a damaged file must not cost the whole report
+            logger.warning("report: section %s failed (%s: %s)", section_id, type(error).__name__, error)
+            content = _note(f"This section could not be built: {type(error).__name__}: {error}")
+        body.append(f'<section id="{section_id}"><h2>{_e(title)}</h2>\n{content}\n</section>')
+    navigation = " ".join(f'<a href="#{section_id}">{_e(title)}</a>' for section_id, title, _ in sections)
+    version = card.get("medxai_version", "")
+    generated = _datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>medxai report: {_e(name)}</title>
+<style>{_STYLE}</style>
+</head>
+<body>
+<header>
+<h1>medxai report: {_e(name)}</h1>
+<p class="subtitle">{_e(architecture)} trained on {_e(source)}</p>
+<p class="warning"><strong>Research use only.</strong> {_e(NOT_FOR_CLINICAL_USE)}</p>
+<nav>{navigation}</nav>
+</header>
+<main>
+{chr(10).join(body)}
+</main>
+<footer>Generated by medxai {_e(version)} on {_e(generated)} from {_e(str(files.run_dir))}. Self-contained: no external
+resources.</footer>
+</body>
+</html>
+"""
+
+
+def _data_section(files: _RunFiles, images: _ImageEncoder) -> str:
+    check = files.data_check
+    if not isinstance(check, dict):
+        return _note("No data_check.json in this run folder.")
+    parts = [f"<p>Source: <code>{_e(check.get('source', '?'))}</code>"
+             + (f", content fingerprint <code>{_e(str(check['fingerprint'])[:16])}</code>" if check.get("fingerprint")
+                else "") + "</p>"]
+    splits = check.get("splits") or {}
+    names = list(check.get("label_names") or [])
+    if splits:
+        if not names:
+            names = sorted({label for split in splits.values() for label in (split.get("per_class") or {})})
+        rows = []
+        totals = {label: 0 for label in names}
+        for split, summary in splits.items():
+            per_class = summary.get("per_class") or {}
+            for label in names:
+                totals[label] += int(per_class.get(label, 0) or 0)
+            rows.append([split, *(_count(per_class.get(label)) for label in names), _count(summary.get("n"))])
+        rows.append(["all", *(_count(totals[label]) for label in names), _count(sum(totals.values()))])
+        parts.append(_table(["split", *names, "total"], rows, caption="Images per split and class", cls="metrics"))
+    parts.append(_data_check_result(check))
+    duplicates = check.get("duplicates")
+    if isinstance(duplicates, dict) and isinstance(duplicates.get("counts"), dict):
+        parts.append(_duplicates_block(duplicates, check.get("dropped_from_test")))
+    known = {"source", "fingerprint", "label_names", "splits", "unreadable", "source_skipped"}
+    if isinstance(duplicates, dict) and isinstance(duplicates.get("counts"), dict):
+        known |= {"duplicates", "dropped_from_test"}
+    # Whatever else the data check reports (sizes, modes, timings, later additions): short values in one table,
+    # structured ones under their own heading.
+    other_rows = []
+    for key, value in check.items():
+        if key in known:
+            continue
+        if isinstance(value, (dict, list)) and len(json.dumps(value)) > 200:
+            parts.append(f"<h3>{_e(key.replace('_', ' ').capitalize())}</h3>{_generic(value)}")
+        else:
+            other_rows.append([key.replace("_", " "), _short(value)])
+    if other_rows:
+        parts.append(_table(["check", "result"], other_rows, caption="Other findings of the data check"))
+    return "\n".join(parts)
+
+
+def _duplicates_block(duplicates: Mapping[str, Any], dropped: Any) -> str:
+    """The duplicate check of ``medxai check-data`` (``data_check.json["duplicates"]``), in words and tables."""
+    counts = duplicates["counts"]
+    text = (f"<h3>Duplicates</h3><p>{_count(counts.get('exact_groups'))} group(s) of identical images "
+            f"({_count(counts.get('exact_images'))} images), {_count(counts.get('near_pairs'))} near-duplicate "
+            f"pair(s) (distance ≤ {_e(str(duplicates.get('near_threshold', '?')))}), "
+            f"<strong>{_count(counts.get('cross_split_pairs'))} pair(s) across splits</strong> "
+            f"({_count(counts.get('cross_split_exact_pairs'))} identical), "
+            f"{_count(counts.get('conflicting_label_groups'))} identical group(s) with conflicting labels. "
+            "An image in both the training and an evaluation split makes that split's metrics optimistic.</p>")
+    if duplicates.get("method"):
+        text += f'<p class="note">Method: {_e(duplicates["method"])}.</p>'
+    pairs = duplicates.get("cross_split") or []
+    if pairs:
+        rows = []
+        for pair in pairs[:10]:
+            a, b = pair.get("a") or {}, pair.get("b") or {}
+            rows.append([pair.get("kind", ""), _count(pair.get("distance")),
+                         f"{a.get('split', '')}: {a.get('id', '')} ({a.get('label', '')})",
+                         f"{b.get('split', '')}: {b.get('id', '')} ({b.get('label', '')})",
+                         "yes" if pair.get("conflicting_labels") else "no"])
+        more = len(pairs) - 10 if len(pairs) > 10 else 0
+        footnote = f"{more} more pairs in data_check.json" if more else None
+        if duplicates.get("truncated"):
+            footnote = "the list in data_check.json is truncated; the counts above are complete"
+        text += _table(["kind", "distance", "image", "same as", "labels differ"], rows,
+                       caption="Pairs across splits", footnote=footnote)
+    leaked = duplicates.get("leaked_ids") or {}
+    if leaked:
+        text += "<ul>" + "".join(f"<li>{_e(direction)}: {len(ids)} image(s)</li>" for direction, ids in leaked.items()
+                                 if isinstance(ids, list)) + "</ul>"
+    if isinstance(dropped, list):
+        text += f"<p>{len(dropped)} test image(s) that duplicate training images were left out of the test metrics.</p>"
+    return text
+
+
+def _data_check_result(check: Mapping[str, Any]) -> str:
+    unreadable = check.get("unreadable") or []
+    skipped = check.get("source_skipped") or []
+    duplicates = check.get("duplicates")
+    duplicate_count = _issue_count(duplicates)
+    findings = []
+    if unreadable:
+        findings.append(f"{len(unreadable)} unreadable file(s) left out")
+    if skipped:
+        findings.append(f"{len(skipped)} file(s) skipped by the source")
+    if duplicate_count:
+        findings.append(f"{duplicate_count} duplicate finding(s) (see below)")
+    if "passed" in check:
+        status = "passed" if check["passed"] else "FAILED"
+    else:
+        status = "passed" if not findings else "passed with findings"
+    css = "ok" if status == "passed" else "attention"
+    text = f'<p class="{css}">Data check: <strong>{_e(status)}</strong>'
+    text += (": " + _e("; ".join(findings)) if findings else " (every file read, no duplicates reported)"
+             if duplicates is not None else " (every file read; duplicate check not in this data_check.json)")
+    text += ".</p>"
+    for title, items in (("Unreadable files", unreadable), ("Skipped by the source", skipped)):
+        if items:
+            rows = [[item.get("file", ""), item.get("reason", "")] if isinstance(item, dict) else [str(item), ""]
+                    for item in items[:20]]
+            more = f"{len(items) - 20} more in data_check.json" if len(items) > 20 else None
+            text += _table(["file", "reason"], rows, caption=title, footnote=more)
+    return text
+
+
+def _issue_count(value: Any) -> int:
+    """How many findings a (schema-free) duplicates entry holds: list lengths, or counts it states."""
+    if value is None:
+        return 0
+    if isinstance(value, list):
+        return len(value)
+    if isinstance(value, dict):
+        counts = value.get("counts")
+        if isinstance(counts, dict):  # medxai check-data's schema
+            return sum(int(counts.get(key) or 0) for key in ("exact_groups", "near_pairs"))
+        for key in ("count", "n", "total", "n_groups", "groups_count"):
+            if isinstance(value.get(key), int):
+                return int(value[key])
+        return sum(_issue_count(item) for key, item in value.items() if isinstance(item, (list, dict)))
+    return 0
+
+
+def _config_section(files: _RunFiles, images: _ImageEncoder) -> str:
+    if files.config_text is None:
+        return _note("No config.yaml in this run folder.")
+    return ("<p>The resolved configuration (defaults, preset and command-line overrides): enough to reproduce the run "
+            f"with <code>medxai train --config config.yaml</code>.</p><pre>{_e(files.config_text)}</pre>")
+
+
+def _metrics_section(files: _RunFiles, images: _ImageEncoder) -> str:
+    metrics = files.metrics
+    if not metrics:
+        return _note("No metrics.json in this run folder.")
+    card = files.card or {}
+    threshold = card.get("threshold") or {}
+    headers = ["split", "decision rule", "n", *(title for _, title in _TABLE_METRICS)]
+    rows = []
+    for split in _splits(metrics):
+        entry = metrics[split]
+        argmax = "argmax (0.5)" if entry.get("positive_label") else "argmax"
+        rows.append([split, argmax, _count(entry.get("n")),
+                     *(_with_interval(entry, key) for key, _ in _TABLE_METRICS)])
+        at = entry.get("at_threshold")
+        if isinstance(at, dict):
+            rule = f"p ≥ {_number(at.get('threshold'), 3)} ({threshold.get('method', 'chosen')})"
+            rows.append([split, rule, _count(at.get("n")), *(_with_interval(at, key) for key, _ in _TABLE_METRICS)])
+    any_entry = next(iter(metrics.values()), {})
+    bootstrap = any_entry.get("bootstrap") or {}
+    positive = any_entry.get("positive_label")
+    notes = []
+    if positive:
+        notes.append(f"Binary metrics (precision, recall, F1, sensitivity) refer to <strong>{_e(positive)}</strong>; "
+                     "specificity is the recall of the other class.")
+    else:
+        notes.append("Multi-class task: precision, recall, F1 and specificity are macro averages; AUC is the "
+                     "one-vs-rest macro AUC.")
+    if bootstrap:
+        notes.append(f"Brackets: 95% confidence intervals, {bootstrap.get('method', 'percentile bootstrap')} "
+                     f"({_count(bootstrap.get('resamples'))} resamples, seed {_e(str(bootstrap.get('seed')))}). "
+                     "Images of one patient resampled independently make intervals too narrow.")
+    else:
+        notes.append("No confidence intervals in this metrics.json (bootstrap turned off or an older run).")
+    if positive:
+        notes.append("\"argmax (0.5)\" is the MedMNIST evaluation protocol. The operating threshold and the "
+                     "calibration temperature were chosen on the validation split, so validation numbers at the "
+                     "threshold are optimistic; the test split gives the honest estimate.")
+    else:
+        notes.append("\"argmax\" (the most probable class) is the MedMNIST evaluation protocol; operating thresholds "
+                     "apply to binary tasks only.")
+    text = _table(headers, rows, caption="Table 1: summary metrics per split (value and 95% CI)", cls="metrics")
+    text += "".join(f"<p class=\"note\">{note}</p>" for note in notes)
+    if threshold.get("value") is not None:
+        target = f", target sensitivity {_number(threshold.get('target'), 2)}" if threshold.get("target") else ""
+        text += (f"<p>Operating threshold: <strong>{_number(threshold['value'], 4)}</strong> on the calibrated "
+                 f"probability of {_e(str(card.get('positive_label') or positive))}, chosen by "
+                 f"<strong>{_e(threshold.get('method', '?'))}</strong>{target} on the validation split "
+                 f"(validation sensitivity {_number(threshold.get('val_sensitivity'), 3)}, specificity "
+                 f"{_number(threshold.get('val_specificity'), 3)}). <code>predict</code> and <code>explain</code> use "
+                 "it.</p>")
+    return text
+
+
+def _per_class_section(files: _RunFiles, images: _ImageEncoder) -> str:
+    metrics = files.metrics
+    if not metrics:
+        return _note("No metrics.json in this run folder.")
+    parts = []
+    for split in _splits(metrics):
+        entry = metrics[split]
+        per_class = entry.get("per_class") or {}
+        intervals = entry.get("per_class_ci95") or {}
+        rows = []
+        for label, values in per_class.items():
+            label_intervals = intervals.get(label) or {}
+            rows.append([label, _count(values.get("support")),
+                         *(_cell(values.get(key), label_intervals.get(key)) for key, _ in _PER_CLASS_METRICS)])
+        if rows:
+            parts.append(_table(["class", "support", *(title for _, title in _PER_CLASS_METRICS)], rows,
+                                caption=f"{split} (argmax), one-vs-rest, value and 95% CI", cls="metrics"))
+    return "\n".join(parts) or _note("metrics.json has no per-class entries.")
+
+
+def _curves_section(files: _RunFiles, images: _ImageEncoder) -> str:
+    parts = []
+    if files.history:
+        last = files.history[-1]
+        # The rule of train.fit: the highest validation score, ties to the lower validation loss.
+        best = max(files.history, key=lambda row: (_float(row.get("val_score"), float("-inf")),
+                                                   -_float(row.get("val_loss"), float("inf"))))
+        seconds = sum(_float(row.get("seconds"), 0.0) for row in files.history)
+        best_epoch = _e(str(best.get("epoch", "?")).split(".")[0])
+        parts.append(f"<p>{len(files.history)} epochs in {seconds:.0f} s; best validation score "
+                     f"{_number(_float(best.get('val_score')), 4)} at epoch {best_epoch} (that checkpoint is the "
+                     f"model). Last epoch: training loss {_number(_float(last.get('train_loss')), 4)}, validation "
+                     f"loss {_number(_float(last.get('val_loss')), 4)}.</p>")
+    parts.append(_figure(files.run_dir / "figures" / "training_curves.png", images,
+                         "Accuracy and loss per epoch, training (augmented) against validation."))
+    return "\n".join(parts)
+
+
+def _confusion_section(files: _RunFiles, images: _ImageEncoder) -> str:
+    parts = []
+    names = (files.card or {}).get("label_names") or []
+    argmax = "the argmax (0.5)" if len(names) == 2 else "the argmax"
+    for split in _splits(files.metrics) or _figure_splits(files.run_dir, "confusion_matrix"):
+        parts.append('<div class="row">')
+        parts.append(_figure(files.run_dir / "figures" / f"confusion_matrix_{split}.png", images,
+                             f"{split}: at {argmax}. Rows: true class; columns: predicted class."))
+        at = (files.metrics.get(split) or {}).get("at_threshold")
+        if isinstance(at, dict) and at.get("confusion_matrix") and names:
+            matrix = at["confusion_matrix"]
+            rows = [[f"true {names[index]}", *(_count(value) for value in row)] for index, row in enumerate(matrix)]
+            parts.append("<div>" + _table(["", *(f"predicted {name}" for name in names)], rows, cls="metrics",
+                                          caption=f"{split}: at the operating threshold "
+                                                  f"{_number(at.get('threshold'), 3)}") + "</div>")
+        parts.append("</div>")
+    return "\n".join(parts) or _note("No confusion matrices in this run folder.")
+
+
+def _roc_pr_section(files: _RunFiles, images: _ImageEncoder) -> str:
+    parts = []
+    for split in _splits(files.metrics) or _figure_splits(files.run_dir, "roc"):
+        parts.append('<div class="row">')
+        parts.append(_figure(files.run_dir / "figures" / f"roc_{split}.png", images, f"ROC curve, {split}"))
+        parts.append(_figure(files.run_dir / "figures" / f"precision_recall_{split}.png", images,
+                             f"Precision-recall curve, {split}"))
+        parts.append("</div>")
+    return "\n".join(parts) or _note("No curves in this run folder.")
+
+
+def _calibration_section(files: _RunFiles, images: _ImageEncoder) -> str:
+    parts = []
+    card = files.card or {}
+    temperature = card.get("temperature")
+    if temperature is not None:
+        parts.append(f"<p>Temperature scaling (Guo et al. 2017), fitted on the validation split: T = "
+                     f"<strong>{_number(temperature, 3)}</strong>"
+                     + (" (T &gt; 1: the raw model was over-confident)." if temperature > 1.0 else
+                        " (T &lt; 1: the raw model was under-confident)." if temperature < 1.0 else " (not fitted).")
+                     + " It changes confidence only, never the argmax or an AUC.</p>")
+    rows = []
+    for split in _splits(files.metrics):
+        entry = files.metrics[split]
+        calibrated = entry.get("calibration") or {}
+        raw = entry.get("calibration_uncalibrated") or {}
+        intervals = calibrated.get("ci95") or {}
+        if calibrated:
+            rows.append([split, _number(raw.get("ece"), 3), _cell(calibrated.get("ece"), intervals.get("ece")),
+                         _number(raw.get("brier"), 3), _cell(calibrated.get("brier"), intervals.get("brier")),
+                         _e(str(calibrated.get("ece_reading", "")))])
+    if rows:
+        any_entry = next(iter(files.metrics.values()))
+        bins = (any_entry.get("calibration") or {}).get("n_bins", "?")
+        parts.append(_table(["split", "ECE before", "ECE after (95% CI)", "Brier before", "Brier after (95% CI)",
+                             "probability read"], rows, cls="metrics",
+                            caption=f"Expected calibration error ({bins} equal-width bins) and Brier score; lower "
+                                    "is better. Validation is where T was fitted (optimistic); test is honest."))
+    worse = [split for split in _splits(files.metrics)
+             if split != "val" and _rose(files.metrics[split], "ece")]
+    if worse:
+        parts.append(_note(
+            f"On {', '.join(worse)} the ECE rose after temperature scaling (which minimises the validation "
+            "log-likelihood, not the ECE). One temperature corrects over- or under-confidence; it cannot correct "
+            "probabilities shifted towards one class (e.g. by a class-weighted loss, or a test prevalence unlike "
+            "the validation one): look at the reliability diagram for a curve off the diagonal on one side."))
+    figures = [_figure(files.run_dir / "figures" / f"reliability_{split}.png", images, f"Reliability diagram, {split}")
+               for split in (_splits(files.metrics) or _figure_splits(files.run_dir, "reliability"))]
+    if figures:
+        parts.append('<div class="row">' + "".join(figures) + "</div>")
+    return "\n".join(parts) or _note("No calibration results in this run folder.")
+
+
+def _rose(entry: Mapping[str, Any], key: str) -> bool:
+    """Whether a calibration measure is higher after temperature scaling than before."""
+    after = (entry.get("calibration") or {}).get(key)
+    before = (entry.get("calibration_uncalibrated") or {}).get(key)
+    return isinstance(after, (int, float)) and isinstance(before, (int, float)) and after > before + 1e-12
+
+
+def _gallery_section(files: _RunFiles, images: _ImageEncoder) -> str:
+    heatmaps = files.run_dir / "heatmaps"
+    items = _gallery_items(files, heatmaps)
+    if not items:
+        return _note("No heatmaps in this run folder.")
+    gallery = files.gallery if isinstance(files.gallery, dict) else {}
+    intro = "<p>Grad-CAM overlays (Selvaraju et al. 2017) of the most confident images of each outcome"
+    if gallery.get("split"):
+        intro += f" on the {_e(gallery['split'])} split"
+    if gallery.get("decision_rule"):
+        intro += f"; decisions by {_e(gallery['decision_rule'])}"
+    intro += (". Warm colours mark where the evidence for the explained class lies; a heatmap is not a segmentation "
+              "and can point at shortcuts (markers, borders, text) as readily as at disease.</p>")
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for item in items:
+        groups.setdefault(item.get("outcome", "other"), []).append(item)
+    order = [outcome for outcome in _OUTCOME_TITLES if outcome in groups] + [
+        outcome for outcome in groups if outcome not in _OUTCOME_TITLES]
+    parts = [intro]
+    for outcome in order:
+        cards = []
+        for item in groups[outcome]:
+            uri = images.data_uri(heatmaps / item["file"], gallery=True)
+            if uri is None:
+                continue
+            details = [f"<b>{_e(str(item.get('id', '')))}</b>"]
+            if item.get("label") is not None:
+                details.append(f"true: {_e(str(item['label']))}")
+            if item.get("predicted") is not None:
+                details.append(f"predicted: {_e(str(item['predicted']))}")
+            if item.get("probability_positive") is not None and (files.card or {}).get("positive_label"):
+                details.append(f"p({_e(files.card['positive_label'])}) = {_number(item['probability_positive'], 3)}")
+            elif item.get("probability") is not None:
+                details.append(f"p = {_number(item['probability'], 3)}")
+            cards.append(f'<figure class="tile"><img src="{uri}" alt="{_e(outcome)} {_e(str(item.get("id", "")))}">'
+                         f"<figcaption>{'<br>'.join(details)}</figcaption></figure>")
+        if cards:
+            title = _OUTCOME_TITLES.get(outcome, outcome.replace("_", " ").capitalize())
+            parts.append(f"<h3>{_e(title)}</h3><div class=\"tiles\">{''.join(cards)}</div>")
+    return "\n".join(parts)
+
+
+def _gallery_items(files: _RunFiles, heatmaps: Path) -> list[dict[str, Any]]:
+    """Gallery entries from ``gallery.json``, or parsed from the overlay file names of older runs."""
+    if isinstance(files.gallery, dict) and isinstance(files.gallery.get("items"), list):
+        return [item for item in files.gallery["items"]
+                if isinstance(item, dict) and (heatmaps / str(item.get("file", ""))).is_file()]
+    labels = (files.card or {}).get("label_names") or []
+    # Outcome prefixes of workflow.write_gallery's file names, longest first so "missed_a_b" beats "missed_a".
+    prefixes = sorted([*_OUTCOME_TITLES, *(f"{kind}_{_safe_name(str(label))}" for label in labels
+                                           for kind in ("correct", "missed"))], key=len, reverse=True)
+    items = []
+    for path in sorted(heatmaps.glob("*.png")) if heatmaps.is_dir() else []:
+        outcome = next((prefix for prefix in prefixes if path.name.startswith(prefix + "_")), "other")
+        stem = path.stem[len(outcome) + 1:] if outcome != "other" else path.stem
+        probability = re.search(r"_p([0-9]*\.?[0-9]+)$", stem)
+        items.append({"outcome": outcome, "id": stem[: probability.start()] if probability else stem,
+                      "file": path.name, "probability": float(probability.group(1)) if probability else None})
+    return items
+
+
+def _safe_name(text: str) -> str:
+    """The file-name form of a label used by ``workflow.write_gallery``."""
+    return "".join(char if char.isalnum() or char in "-_." else "_" for char in text).strip("_")[:80]
+
+
+def _explanations_section(files: _RunFiles, images: _ImageEncoder) -> str:
+    parts = []
+    for path, document in files.explain_metrics:
+        parts.append(_explain_metrics_table(path, document, files.run_dir))
+        if path.parent != files.run_dir:
+            for figure in sorted(path.parent.glob("*.png")):
+                parts.append(_figure(figure, images, figure.stem.replace("_", " ")))
+    figures_dir = files.run_dir / "figures"
+    extra = [path for path in sorted(figures_dir.glob("*.png")) if not _CLAIMED_FIGURES.match(path.name)]
+    for path in extra:
+        parts.append(_figure(path, images, path.stem.replace("_", " ")))
+    if not parts:
+        return _note("Explanation quality was not measured for this run (run <code>medxai explain-eval</code> to "
+                     "measure deletion/insertion, ROAD and the sanity checks).")
+    return "\n".join(parts)
+
+
+def _explain_metrics_table(path: Path, document: Mapping[str, Any], run_dir: Path) -> str:
+    methods = document.get("methods") or {}
+    where = path.relative_to(run_dir) if path.is_relative_to(run_dir) else path
+    header = (f"<p>From <code>{_e(str(where))}</code>: {_count(document.get('n_images'))} images of "
+              f"{_e(str(document.get('data', '?')))} ({_e(str(document.get('split', '?')))} split), baseline "
+              f"{_e(str(document.get('baseline', '?')))}. Deletion and ROAD-MoRF: lower is better; insertion and "
+              "ROAD-LeRF: higher is better. The random column is the same score for a random heatmap.</p>")
+    keys = (("deletion_auc", "Deletion AUC"), ("insertion_auc", "Insertion AUC"),
+            ("road_morf", "ROAD MoRF"), ("road_lerf", "ROAD LeRF"))
+    rows = []
+    for name, values in methods.items():
+        if not isinstance(values, dict):
+            continue
+        random = values.get("random_baseline") or {}
+        beats = values.get("beats_random") or {}
+        cells = [_e(name)]
+        for key, _ in keys:
+            mark = ""
+            if isinstance(beats, dict) and key in beats:
+                mark = " ✓" if beats[key] else " ✗"
+            cells.append(f"{_number(values.get(key), 3)} <small>(random {_number(random.get(key), 3)}){mark}</small>")
+        sanity = values.get("sanity_check") or {}
+        if isinstance(sanity, dict) and "passed" in sanity:
+            cells.append("passed" if sanity["passed"] else "<strong>failed</strong>")
+        else:
+            cells.append("-")
+        cells.append(_number(values.get("seconds"), 1))
+        rows.append(cells)
+    if not rows:
+        return header + _generic(document)
+    return header + _table(["method", *(title for _, title in keys), "sanity check (Adebayo et al. 2018)", "seconds"],
+                           rows, cls="metrics", raw=True,
+                           caption="Explanation quality (✓: better than a random heatmap)")
+
+
+def _model_card_section(files: _RunFiles, images: _ImageEncoder) -> str:
+    card = files.card
+    if not isinstance(card, dict):
+        return _note("No model_card.json in this run folder.")
+    threshold = card.get("threshold") or {}
+    if threshold.get("value") is not None:
+        rule = (f"positive ({_e(str(card.get('positive_label')))}) when its calibrated probability ≥ "
+                f"{_number(threshold['value'], 4)} ({_e(threshold.get('method', ''))}, chosen on validation)")
+    else:
+        rule = "the most probable class (argmax)"
+    preprocess = card.get("preprocess") or {}
+    channels = preprocess.get("channels", card.get("in_chans"))
+    preprocessing = (f"{_e(str(preprocess.get('size', card.get('input_size'))))} px square "
+                     f"({_e(str(preprocess.get('resize_mode', '?')))}), {_e(str(channels))} "
+                     f"channel(s), intensity {_e(str(preprocess.get('intensity', '?')))}, normalisation "
+                     f"{_e(str(preprocess.get('normalize', '?')))}")
+    train_data = card.get("train_data") or {}
+    summary = card.get("metrics") or {}
+    test_split = summary.get("split")
+    entry = files.metrics.get(test_split, {}) if test_split else {}
+    metric_text = "; ".join(f"{_e(key)} {_inline_interval(entry if entry else summary, key)}"
+                            for key in ("accuracy", "auc", "sensitivity", "specificity")
+                            if summary.get(key) is not None)
+    if entry.get("at_threshold"):
+        at = entry["at_threshold"]
+        metric_text += (f"; at the operating threshold: sensitivity {_inline_interval(at, 'sensitivity')}, specificity "
+                        f"{_inline_interval(at, 'specificity')}")
+    items = [
+        ("Model", f"{_e(card.get('architecture', '?'))}, {_e(card.get('num_classes', '?'))} classes "
+                  f"({_e(', '.join(card.get('label_names') or []))}); Grad-CAM layer "
+                  f"<code>{_e(card.get('cam_layer', ''))}</code>"),
+        ("Intended use", _e(card.get("intended_use", ""))),
+        ("Not intended for", f"<strong>{_e(NOT_FOR_CLINICAL_USE)}</strong> Not a medical device; not for diagnosis, "
+                             "triage or treatment decisions."),
+        ("Training data", f"{_e(str(train_data.get('source', '?')))}"
+                          + (f" (fingerprint <code>{_e(str(train_data['fingerprint'])[:16])}</code>)"
+                             if train_data.get("fingerprint") else "")),
+        ("Preprocessing", preprocessing),
+        ("Decision rule", rule),
+        ("Calibration", f"temperature {_number(card.get('temperature'), 3)} (fitted on validation)"),
+        ("Metrics", f"{_e(str(test_split))} split, n = {_count(summary.get('n'))}: {metric_text}" if summary else "-"),
+        ("Limitations", _e(card.get("limitations", ""))),
+        ("Version", f"medxai {_e(str(card.get('medxai_version', '?')))}"),
+    ]
+    return "<dl class=\"card\">" + "".join(f"<dt>{_e(term)}</dt><dd>{value}</dd>" for term, value in items) + "</dl>"
+
+
+# -- helpers -------------------------------------------------------------------------------------------------------
+def _splits(metrics: Mapping[str, Any]) -> list[str]:
+    """Split names in reading order: val, test, then any others."""
+    order = {"train": 0, "val": 1, "test": 2}
+    return sorted((name for name, entry in metrics.items() if isinstance(entry, dict)),
+                  key=lambda name: (order.get(name, 3), name))
+
+
+def _figure_splits(run_dir: Path, prefix: str) -> list[str]:
+    return sorted(path.stem[len(prefix) + 1:] for path in (run_dir / "figures").glob(f"{prefix}_*.png"))
+
+
+def _figure(path: Path, images: _ImageEncoder, caption: str) -> str:
+    if not path.is_file():
+        return _note(f"{path.name} is not in this run folder.")
+    uri = images.data_uri(path)
+    if uri is None:
+        return _note(f"{path.name} could not be read.")
+    return f'<figure><img src="{uri}" alt="{_e(caption)}"><figcaption>{_e(caption)}</figcaption></figure>'
+
+
+def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]], *, caption: str | None = None,
+           cls: str = "", footnote: str | None = None, raw: bool = False) -> str:
+    """An HTML table; cells are escaped unless produced by the helpers here (``_Safe``) or ``raw`` is set."""
+    head = "".join(f"<th>{_e(str(header))}</th>" for header in headers)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{cell if raw or isinstance(cell, _Safe) else _e(str(cell))}</td>" for cell in row)
+        + "</tr>" for row in rows
+    )
+    caption_html = f"<caption>{_e(caption)}</caption>" if caption else ""
+    foot = f'<p class="note">{_e(footnote)}</p>' if footnote else ""
+    return f'<table class="{cls}">{caption_html}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{foot}'
+
+
+class _Safe(str):
+    """HTML produced here from numbers: not escaped again."""
+
+
+def _with_interval(entry: Mapping[str, Any], key: str) -> _Safe:
+    return _cell(entry.get(key), (entry.get("ci95") or {}).get(key))
+
+
+def _inline_interval(entry: Mapping[str, Any], key: str) -> str:
+    """"0.912 (95% CI 0.890–0.931)" for running text."""
+    interval = (entry.get("ci95") or {}).get(key)
+    text = _number(entry.get(key), 3)
+    if _is_interval(interval):
+        text += f" (95% CI {interval[0]:.3f}–{interval[1]:.3f})"
+    return text
+
+
+def _cell(value: Any, interval: Any) -> _Safe:
+    text = _number(value, 3)
+    if _is_interval(interval):
+        text += f'<br><span class="ci">{interval[0]:.3f}–{interval[1]:.3f}</span>'
+    return _Safe(text)
+
+
+def _is_interval(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)
+
+
+def _number(value: Any, digits: int) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        return "–"
+    return f"{value:.{digits}f}"
+
+
+def _count(value: Any) -> _Safe:
+    return _Safe(f"{int(value):,}" if isinstance(value, (int, float)) and value == value else "–")
+
+
+def _float(value: Any, default: float = float("nan")) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def _generic(value: Any, depth: int = 0) -> str:
+    """A schema-free rendering of JSON (for sections written by other parts, e.g. duplicate checks)."""
+    if isinstance(value, dict):
+        if not value:
+            return "<p>none</p>"
+        if depth > 3:
+            return f"<pre>{_e(json.dumps(value, indent=1)[:2000])}</pre>"
+        return "<dl>" + "".join(f"<dt>{_e(str(key))}</dt><dd>{_generic(item, depth + 1)}</dd>"
+                                for key, item in value.items()) + "</dl>"
+    if isinstance(value, list):
+        if not value:
+            return "none"
+        shown = value[:10]
+        if all(isinstance(item, dict) for item in shown):
+            headers = list(dict.fromkeys(key for item in shown for key in item))
+            rows = [[_short(item.get(header)) for header in headers] for item in shown]
+            table = _table(headers, rows)
+        else:
+            table = "<ul>" + "".join(f"<li>{_e(_short(item))}</li>" for item in shown) + "</ul>"
+        more = f'<p class="note">{len(value) - 10} more not shown.</p>' if len(value) > 10 else ""
+        return table + more
+    return _e(_short(value))
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _note(text: str) -> str:
+    return f'<p class="note">{text}</p>'
+
+
+def _e(text: Any) -> str:
+    return html.escape(str(text), quote=True)
+
+
+_STYLE = """
+:root { color-scheme: light; }
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; margin: 0;
+       color: #1d2430; background: #f6f7f9; line-height: 1.45; }
+header { background: #16324f; color: #fff; padding: 1.2rem 2rem 0.8rem; }
+header h1 { margin: 0 0 0.2rem; font-size: 1.6rem; }
+.subtitle { margin: 0 0 0.6rem; opacity: 0.9; }
+.warning { background: #fff3cd; color: #5c4400; padding: 0.4rem 0.8rem; border-radius: 4px; display: inline-block; }
+nav { margin-top: 0.6rem; font-size: 0.9rem; }
+nav a { color: #cfe3ff; margin-right: 0.9rem; text-decoration: none; white-space: nowrap; }
+main { max-width: 1200px; margin: 0 auto; padding: 1rem 2rem 2rem; }
+section { background: #fff; border: 1px solid #dde2e8; border-radius: 6px; padding: 0.6rem 1.4rem 1.2rem;
+          margin: 1.2rem 0; }
+h2 { font-size: 1.25rem; border-bottom: 2px solid #e3e8ef; padding-bottom: 0.3rem; }
+h3 { font-size: 1.05rem; margin-top: 1.2rem; }
+table { border-collapse: collapse; margin: 0.8rem 0; font-size: 0.9rem; }
+caption { text-align: left; font-weight: 600; padding-bottom: 0.3rem; }
+th, td { border: 1px solid #dde2e8; padding: 0.3rem 0.55rem; text-align: left; vertical-align: top; }
+table.metrics th, table.metrics td { text-align: right; }
+table.metrics th:first-child, table.metrics td:first-child { text-align: left; }
+thead th { background: #eef2f7; }
+.ci { color: #5b6675; font-size: 0.8rem; white-space: nowrap; }
+.note { color: #5b6675; font-size: 0.9rem; }
+.ok { color: #1e6b32; }
+.attention { color: #8a4b00; }
+pre { background: #f3f5f8; padding: 0.8rem; overflow-x: auto; font-size: 0.82rem; border-radius: 4px; }
+figure { margin: 0.6rem 0; display: inline-block; vertical-align: top; }
+figure img { max-width: 100%; height: auto; border: 1px solid #e3e8ef; }
+figcaption { font-size: 0.85rem; color: #4a5563; }
+.row { display: flex; flex-wrap: wrap; gap: 1rem; }
+.row figure { flex: 0 1 560px; }
+.tiles { display: flex; flex-wrap: wrap; gap: 0.8rem; }
+.tile { width: 200px; }
+.tile img { width: 200px; image-rendering: pixelated; }
+dl.card dt { font-weight: 600; margin-top: 0.5rem; }
+dl.card dd { margin-left: 1rem; }
+footer { text-align: center; color: #6b7684; font-size: 0.8rem; padding: 1rem 2rem 2rem; }
+"""
