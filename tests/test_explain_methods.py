@@ -467,6 +467,47 @@ def test_several_layers_combined_for_every_method(resnet18) -> None:
         torch.testing.assert_close(both.raw_maps, (first.maps + second.maps) / 2, atol=1e-6, rtol=1e-5)
 
 
+def test_channels_last_on_cpu_same_maps_and_fallback_for_view_models() -> None:
+    """On the CPU the batch goes to the model channels-last (faster oneDNN convolutions): same maps as the usual
+    layout; a model that ``.view``s a feature map fails on it, once, and is then explained in the usual layout."""
+
+    class ViewNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.relu = nn.ReLU()
+            self.fc = nn.Linear(4 * 8 * 8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            features = self.relu(self.conv(x))
+            return self.fc(features.view(features.shape[0], -1))  # needs a contiguous feature map
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 8, 8)
+    model = ViewNet().eval()
+    with pytest.raises(RuntimeError, match="view"):
+        model(x.contiguous(memory_format=torch.channels_last))
+    cam = GradCAM(model, "relu")
+    forwards: list[bool] = []
+    handle = model.conv.register_forward_pre_hook(
+        lambda module, args: forwards.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    try:
+        first, second = cam(x, target=1), cam(x, target=1)
+    finally:
+        handle.remove()
+    assert forwards == [True, False, False]  # tried once, then remembered
+    expected = GradCAM(model, "relu", channels_last=False)(x, target=1)
+    torch.testing.assert_close(first.raw_maps, expected.raw_maps)
+    torch.testing.assert_close(second.raw_maps, expected.raw_maps)
+
+    resnet = torchvision.models.resnet18(weights=None, num_classes=3).eval()
+    x = torch.randn(2, 3, 64, 64)
+    fast = GradCAM(resnet, "layer4")(x, target=[0, 2])
+    plain = GradCAM(resnet, "layer4", channels_last=False)(x, target=[0, 2])
+    torch.testing.assert_close(fast.maps, plain.maps, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(fast.logits, plain.logits, atol=1e-5, rtol=1e-4)
+
+
 # ----------------------------------------------------------------------------------------------------- hygiene
 
 

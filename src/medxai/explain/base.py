@@ -218,6 +218,11 @@ class BaseCAM:
         model: a CNN returning logits ``(B, K)`` (``(B,)`` is read as one logit).
         target_layers: module name(s) whose output feature maps to explain, as in ``model.named_modules()``;
             None uses ``model.cam_layer`` (declared by every medxai model).
+        channels_last: hand 2D batches to the model in channels-last memory layout (the values are the same).
+            None (default) does so on the CPU, where oneDNN convolutions run 1.2-1.5x faster on it for 3-channel
+            224 px inputs (ResNet, DenseNet, EfficientNet; no change for 1-channel inputs); should the model fail
+            on it (a ``.view`` of a feature map), the call is repeated in the usual layout, which this object then
+            keeps. The model's own parameters are left as they are.
 
     Raises:
         ConfigError: a layer does not exist (the message lists close names), or None is given for a model without
@@ -227,10 +232,18 @@ class BaseCAM:
     #: False for gradient-free methods (Score-CAM): the backward pass is skipped and ``gradients`` is None.
     uses_gradients: ClassVar[bool] = True
 
-    def __init__(self, model: nn.Module, target_layers: str | Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        target_layers: str | Sequence[str] | None = None,
+        *,
+        channels_last: bool | None = None,
+    ) -> None:
         self.model = model
         self.target_layers = _resolve_target_layers(model, target_layers)
+        self.channels_last = channels_last
         self._warned_training_mode = False
+        self._channels_last_failed = False
 
     def channel_weights(self, activations: Tensor, gradients: Tensor | None) -> Tensor:
         """The method's weight for each channel: ``(B, C, *spatial)`` inputs -> ``(B, C)``.
@@ -287,7 +300,7 @@ class BaseCAM:
             batch = inputs.detach().to(device)
             if batch.is_inference():
                 batch = batch.clone()  # inference tensors cannot take part in autograd
-            logits, activations, gradients, classes = self._forward(batch, target_fn, graph_from_layers=True)
+            logits, activations, gradients, classes, batch = self._forward_in_layout(batch, target_fn)
             if gradients is None and self.uses_gradients:
                 # The score does not depend on what was recorded from the target layers on (the model switches
                 # autograd off inside its forward after them): record the whole forward, as far as the model lets.
@@ -317,6 +330,27 @@ class BaseCAM:
                 raw_maps = torch.stack([normalize_per_sample(m) for m in layer_maps]).mean(dim=0)
             maps = normalize_per_sample(raw_maps)
         return CAMResult(maps=maps, raw_maps=raw_maps, logits=logits, target_class=classes)
+
+    def _forward_in_layout(
+        self, batch: Tensor, target_fn: Callable[[Tensor], Tensor]
+    ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor] | None, Tensor, Tensor]:
+        """:meth:`_forward` on the batch in the memory layout ``channels_last`` asks for; also returns that batch."""
+        automatic = self.channels_last is None
+        use_channels_last = batch.ndim == 4 and (
+            self.channels_last if not automatic else batch.device.type == "cpu" and not self._channels_last_failed
+        )
+        if not use_channels_last:
+            return (*self._forward(batch, target_fn, graph_from_layers=True), batch)
+        laid_out = batch.contiguous(memory_format=torch.channels_last)
+        try:
+            return (*self._forward(laid_out, target_fn, graph_from_layers=True), laid_out)
+        except RuntimeError as error:
+            if not automatic or not any(word in str(error) for word in ("stride", "contiguous", "memory format")):
+                raise
+            self._channels_last_failed = True
+            logger.info("%s fails on channels-last inputs (%s); using the contiguous layout from now on",
+                        type(self.model).__name__, str(error).splitlines()[0])
+            return (*self._forward(batch, target_fn, graph_from_layers=True), batch)
 
     def _forward(
         self, batch: Tensor, target_fn: Callable[[Tensor], Tensor], *, graph_from_layers: bool

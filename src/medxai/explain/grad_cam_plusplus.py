@@ -39,12 +39,18 @@ class GradCAMPlusPlus(BaseCAM):
         target_layers: see :class:`~medxai.explain.base.BaseCAM`.
         denominator_eps: added to the ``alpha`` denominator; 0 (default) divides only where it is nonzero, as the
             authors' code does; ``1e-6`` reproduces pytorch-grad-cam.
+        channels_last: see :class:`~medxai.explain.base.BaseCAM`.
     """
 
     def __init__(
-        self, model: nn.Module, target_layers: str | Sequence[str] | None = None, *, denominator_eps: float = 0.0
+        self,
+        model: nn.Module,
+        target_layers: str | Sequence[str] | None = None,
+        *,
+        denominator_eps: float = 0.0,
+        channels_last: bool | None = None,
     ) -> None:
-        super().__init__(model, target_layers)
+        super().__init__(model, target_layers, channels_last=channels_last)
         self.denominator_eps = float(denominator_eps)
 
     def channel_weights(self, activations: Tensor, gradients: Tensor | None) -> Tensor:

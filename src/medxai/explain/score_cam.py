@@ -53,6 +53,7 @@ class ScoreCAM(BaseCAM):
         channel_softmax: weights are the softmax over channels of the masked scores (True, pytorch-grad-cam) or the
             scores themselves (False, the authors' code when the target is a softmax probability).
         mask_align_corners: upsample the masks with ``align_corners=True`` (pytorch-grad-cam) instead of False.
+        channels_last: see :class:`~medxai.explain.base.BaseCAM`.
 
     Raises:
         ConfigError: ``batch_size`` is not positive.
@@ -68,8 +69,9 @@ class ScoreCAM(BaseCAM):
         batch_size: int = 64,
         channel_softmax: bool = True,
         mask_align_corners: bool = False,
+        channels_last: bool | None = None,
     ) -> None:
-        super().__init__(model, target_layers)
+        super().__init__(model, target_layers, channels_last=channels_last)
         if int(batch_size) < 1:
             raise ConfigError(f"ScoreCAM batch_size must be positive, got {batch_size}")
         self.batch_size = int(batch_size)
