@@ -163,7 +163,8 @@ def load_training_state(
     optimizer.load_state_dict({"state": state, "param_groups": document.pop("optimizer_param_groups")})
     scheduler.load_state_dict(document.pop("scheduler"))
     torch.set_rng_state(tensors["rng.torch"])
-    cuda_states = [tensors[key] for key in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+    cuda_keys = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
+    cuda_states = [tensors[key] for key in cuda_keys]
     if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda_states)
     return document
