@@ -29,18 +29,10 @@ from medxai.explain import (
     save_overlay,
 )
 
+from toy_cam import X2D, conv_by_hand, toy_volume  # noqa: E402
+
 torchvision = pytest.importorskip("torchvision")
 
-# 4x4 single-channel input with mixed signs, so both channels below have structure.
-X2D = np.array(
-    [
-        [1.0, -2.0, 3.0, 0.5],
-        [-1.0, 2.0, -0.5, 4.0],
-        [0.0, 1.0, -3.0, 2.0],
-        [2.0, -1.0, 1.0, -2.0],
-    ],
-    dtype=np.float32,
-)
 FC_WEIGHT = np.array([[1.0, -0.5], [-0.5, 3.0]], dtype=np.float32)
 FC_BIAS = np.array([0.1, -0.2], dtype=np.float32)
 
@@ -97,13 +89,6 @@ class ToyNet(nn.Module):
         return self.count(self.fc(self.pool(self.relu(self.conv(x))).flatten(1)))
 
 
-def _conv_by_hand(x: np.ndarray) -> np.ndarray:
-    """The toy's pre-ReLU conv output, computed without torch: (2, *x.shape)."""
-    right = np.zeros_like(x)
-    right[..., :-1] = x[..., 1:]  # x[..., j + 1], zero beyond the edge
-    return np.stack([x, x - right])
-
-
 def _grad_cam_by_hand(activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
     weights = gradients.reshape(gradients.shape[0], -1).mean(axis=1)
     return np.maximum(np.tensordot(weights, activations, axes=1), 0.0)
@@ -126,9 +111,9 @@ def _no_hooks(model: nn.Module) -> bool:
 @pytest.mark.parametrize("ndim", [2, 3])
 @pytest.mark.parametrize("k", [0, 1])
 def test_grad_cam_matches_hand_derivation(ndim: int, k: int) -> None:
-    x = X2D if ndim == 2 else np.stack([X2D, -0.5 * X2D[::-1], X2D.T])  # (3, 4, 4) volume
+    x = X2D if ndim == 2 else toy_volume()
     model = ToyNet(ndim).eval()
-    activations = np.maximum(_conv_by_hand(x), 0.0)  # target layer: the ReLU
+    activations = np.maximum(conv_by_hand(x), 0.0)  # target layer: the ReLU
     n_positions = x.size
     gradients = np.broadcast_to(FC_WEIGHT[k][:, None] / n_positions, (2, n_positions)).reshape(activations.shape)
     expected = _grad_cam_by_hand(activations, gradients)
@@ -149,7 +134,7 @@ def test_grad_cam_matches_hand_derivation(ndim: int, k: int) -> None:
 def test_activation_followed_by_inplace_relu(k: int) -> None:
     """Target = the conv, whose output an in-place ReLU overwrites: activations and gradients are the conv's own."""
     model = ToyNet(2, inplace=True).eval()
-    pre_relu = _conv_by_hand(X2D)
+    pre_relu = conv_by_hand(X2D)
     gradients = FC_WEIGHT[k][:, None, None] / X2D.size * (pre_relu > 0)  # ReLU's derivative
     expected = _grad_cam_by_hand(pre_relu, gradients)
 
@@ -321,7 +306,7 @@ def test_binary_logit_target_right_for_negative_logits() -> None:
     weight = np.array([[1.5, -2.0]], dtype=np.float32)
     model = ToyNet(2, fc_weight=weight, fc_bias=np.array([-3.0], dtype=np.float32)).eval()
     x = torch.from_numpy(X2D)[None, None]
-    activations = np.maximum(_conv_by_hand(X2D), 0.0)
+    activations = np.maximum(conv_by_hand(X2D), 0.0)
     cam = GradCAM(model)
 
     negative = cam(x, target=BinaryLogitTarget(positive=False))

@@ -44,22 +44,11 @@ from medxai.explain import (
 from medxai.explain.base import normalize_per_sample
 from medxai.models import create_model
 
+from toy_cam import X2D, conv_by_hand, toy_volume  # noqa: E402
+
 torchvision = pytest.importorskip("torchvision")
 
-X2D = np.array(
-    [
-        [1.0, -2.0, 3.0, 0.5],
-        [-1.0, 2.0, -0.5, 4.0],
-        [0.0, 1.0, -3.0, 2.0],
-        [2.0, -1.0, 1.0, -2.0],
-    ],
-    dtype=np.float32,
-)
 METHODS = (GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM, ScoreCAM)
-
-
-def _volume() -> np.ndarray:
-    return np.stack([X2D, -0.5 * X2D[::-1], X2D.T])  # (3, 4, 4)
 
 
 def _kernels(ndim: int) -> torch.Tensor:
@@ -97,9 +86,7 @@ class FlatHeadNet(nn.Module):
 
 
 def _activations_by_hand(x: np.ndarray) -> np.ndarray:
-    right = np.zeros_like(x)
-    right[..., :-1] = x[..., 1:]
-    return np.maximum(np.stack([x, x - right]), 0.0)  # (2, *x.shape)
+    return np.maximum(conv_by_hand(x), 0.0)  # (2, *x.shape)
 
 
 def _logits_by_hand(x: np.ndarray, head: np.ndarray, bias: np.ndarray) -> np.ndarray:
@@ -142,7 +129,7 @@ def _expected_map(method: type[BaseCAM], x: np.ndarray, head: np.ndarray, bias: 
 @pytest.mark.parametrize("ndim", [2, 3])
 @pytest.mark.parametrize("method", METHODS, ids=lambda m: m.__name__)
 def test_every_method_matches_its_formula_by_hand(method: type[BaseCAM], ndim: int) -> None:
-    x = X2D if ndim == 2 else _volume()
+    x = X2D if ndim == 2 else toy_volume()
     head = _head_weights(3, x.shape)
     bias = np.array([0.1, -0.2, 0.3], dtype=np.float32)
     model = FlatHeadNet(x.shape, head, bias).eval()
