@@ -176,7 +176,8 @@ def test_training_records_the_check_warns_about_leaks_and_can_drop_them(tmp_path
     np.savez(path, **arrays)
     assert main(["train", "--data", str(path), "--out", str(tmp_path), "--name", "run", "--epochs", "1",
                  "--size", "28", "--set", "train.batch_size=32", "--set", "train.threads=1",
-                 "--set", "explain.per_outcome=1", "--set", "data.drop_test_duplicates=true"]) == 0
+                 "--set", "explain.per_outcome=1", "--set", "data.drop_test_duplicates=true",
+                 "--set", "data.min_val_size=0"]) == 0
     check = json.loads((tmp_path / "run" / "data_check.json").read_text())
     for key in ("source", "fingerprint", "label_names", "splits", "unreadable", "source_skipped", "duplicates",
                 "sizes", "modes"):

@@ -91,11 +91,15 @@ def test_python_api_predicts_and_explains_at_original_resolution(synthetic_run):
 
 def test_evaluate_recomputes_the_training_time_metrics(synthetic_run, tmp_path, capsys):
     data = next(synthetic_run.parent.glob("*.npz"))
-    assert main(["evaluate", str(synthetic_run), "--data", str(data), "--split", "test", "--out", str(tmp_path), "--json"]) == 0
+    before = (synthetic_run / "metrics.json").read_bytes()
+    assert main(["evaluate", str(synthetic_run), "--data", str(data), "--split", "test", "--name", "again",
+                 "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    original = json.loads((synthetic_run / "metrics.json").read_text())["test"]
-    assert printed["test"]["accuracy"] == pytest.approx(original["accuracy"])
-    assert printed["test"]["auc"] == pytest.approx(original["auc"])
+    original = json.loads(before)["test"]
+    assert printed["test"] == original  # every metric and interval, exactly
+    assert printed["evaluation"]["kind"] == "internal"
+    assert (synthetic_run / "metrics.json").read_bytes() == before
+    assert json.loads((synthetic_run / "evaluations" / "again" / "metrics.json").read_text())["test"] == original
 
 
 def test_predict_and_explain_skip_bad_files_and_account_for_every_input(synthetic_run, tmp_path, capsys):
@@ -144,7 +148,7 @@ def test_resume_continues_an_interrupted_cli_run(synthetic_run, tmp_path):
         (["predict", "{run}", "{missing}"], None),
         (["train", "--data", "{one_class}", "--out", "{tmp}"], "at least two classes"),
         (["train", "--data", "{empty_class}", "--out", "{tmp}"], "no files"),
-        (["evaluate", "{run}", "--data", "{other_labels}", "--split", "all"], "not among the model's labels"),
+        (["evaluate", "{run}", "--data", "{other_labels}", "--split", "all"], "match no model label"),
         (["train", "--data", "{tmp}/nothing-here", "--out", "{tmp}"], "nothing-here"),
         (["predict", "{tmp}/no-run", "x.png"], "no-run"),
     ],
@@ -171,11 +175,12 @@ def test_training_on_a_class_folder_with_messy_files(tmp_path):
     data = _folder_dataset(tmp_path / "data", per_class=16)
     (data / "a" / ".DS_Store").write_bytes(b"\x00")
     (data / "b" / "broken.png").write_text("not an image")
-    run = _train(tmp_path, str(data), "--epochs", "2", "--size", "32", "--set", "data.test_fraction=0.2")
+    run = _train(tmp_path, str(data), "--epochs", "2", "--size", "32", "--set", "data.test_fraction=0.2",
+                 "--positive-label", "b")
     skipped = list(csv.DictReader((run / "skipped.csv").open()))
     assert [Path(row["file"]).name for row in skipped] == ["broken.png"]
     splits = {name: (run / "splits" / f"{name}.txt").read_text().splitlines() for name in ("train", "val", "test")}
-    assert sum(len(ids) for ids in splits.values()) == 33  # 32 images + the broken file listed in a split
+    assert sum(len(ids) for ids in splits.values()) == 32  # the lists hold the images used; broken.png is skipped
     assert not set(splits["train"]) & set(splits["test"])
 
 

@@ -20,7 +20,7 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, p
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from medxai.data import read_image
-from medxai.data._image_io import read_image_with_info
+from medxai.data.readers.image import read_image_with_info
 from medxai.data.dicom_sc import is_dicom_file, write_secondary_capture
 from medxai.data.sources import ImageFolderSource, ManifestSource
 from medxai.errors import ConfigError, InvalidImageError, UnsupportedDicomError

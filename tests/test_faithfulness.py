@@ -367,12 +367,13 @@ def blob_run(tmp_path_factory) -> tuple[Path, Path]:
 
 def test_explain_eval_writes_the_documented_json(blob_run, capsys) -> None:
     run, data = blob_run
-    out = run.parent / "eval"
     code = main(["explain-eval", str(run), "--data", str(data), "--split", "test", "--methods", "gradcam,Layer-CAM",
-                 "--max-images", "16", "--steps", "8", "--baseline", "blur", "--seed", "1", "--out", str(out)])
+                 "--max-images", "16", "--steps", "8", "--baseline", "blur", "--seed", "1"])
     assert code == 0
-    document = json.loads((out / "explain_metrics.json").read_text())
-    assert {"run", "data", "split", "n_images", "baseline", "methods"} <= set(document)
+    # The run's own data: its own test split list, results in the run folder.
+    document = json.loads((run / "explain_metrics.json").read_text())
+    assert {"run", "data", "split", "selection", "folder", "n_images", "baseline", "methods"} <= set(document)
+    assert document["selection"].startswith("the run's own test split list") and document["folder"] == str(run)
     assert document["n_images"] == 16 and document["split"] == "test" and document["baseline"] == "blur"
     assert list(document["methods"]) == ["gradcam", "layercam"]
     for name, entry in document["methods"].items():

@@ -20,7 +20,8 @@ from PIL import Image
 from pydicom.encaps import encapsulate
 
 from medxai.cli import main
-from medxai.data import _limits, read_image
+from medxai.data import read_image
+from medxai.data.readers import limits as _limits
 from medxai.errors import ImageTooLargeError, InvalidImageError, UnsupportedDicomError
 from test_dicom import PYDICOM_TEST_FILES, make_dicom
 

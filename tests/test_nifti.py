@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from medxai.data import read_image
-from medxai.data._image_io import read_image_with_info
-from medxai.data._nifti import VolumeSliceSource, volume_slice
+from medxai.data.readers.image import read_image_with_info
+from medxai.data.readers.nifti import volume_slice
+from medxai.data.sources import VolumeSliceSource
 from medxai.data.sources import ImageFolderSource
 from medxai.data.splits import carve_splits
 from medxai.errors import ConfigError, ImageTooLargeError, InvalidImageError

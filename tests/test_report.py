@@ -40,7 +40,7 @@ def build_noisy_run(base: Path) -> Path:
     code = main([
         "train", "--data", str(data), "--out", str(base), "--name", "run", "--epochs", "3", "--size", "28",
         "--model", "simple_cnn", "--set", "train.batch_size=32", "--set", "train.threads=2",
-        "--set", "explain.per_outcome=2",
+        "--set", "explain.per_outcome=2", "--set", "data.min_val_size=0",
     ])
     assert code == 0
     return run

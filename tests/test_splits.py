@@ -7,8 +7,9 @@ from collections import Counter
 
 import pytest
 
-from medxai.data import Record, Source, carve_splits, read_split_lists, resolve_splits, write_split_lists
-from medxai.data.sample import Sample
+from medxai.data import Record, Source, carve_splits, resolve_splits
+from medxai.run_folder import read_split_lists, write_split_lists
+from medxai.data.sources.base import Sample
 from medxai.errors import ConfigError, DataError
 
 
@@ -145,6 +146,7 @@ class ListSource:
         self.description = "test list"
         self.label_names = ["a", "b"]
         self.skipped: list[tuple[str, str]] = []
+        self.layout: dict = {"kind": "list"}
         self._records = records
 
     def official_splits(self) -> list[str]:
@@ -185,10 +187,10 @@ def test_resolve_carves_val_from_official_train_and_keeps_official_test():
 def test_resolve_keeps_all_three_official_splits_and_can_carve_test():
     train = with_split(ungrouped_records({0: 20, 1: 20}), "train")
     val = with_split(ungrouped_records({0: 3, 1: 3}), "val")
-    as_given = resolve_splits(ListSource(train + val), val_fraction=0.5)
+    as_given = resolve_splits(ListSource(train + val), val_fraction=0.5, min_val_size=0)
     assert ids(as_given["val"]) == ids(val) and ids(as_given["train"]) == ids(train) and "test" not in as_given
 
-    with_test = resolve_splits(ListSource(train + val), test_fraction=0.25)
+    with_test = resolve_splits(ListSource(train + val), test_fraction=0.25, min_val_size=0)
     assert ids(with_test["val"]) == ids(val)
     assert label_counts(with_test["test"]) == {0: 5, 1: 5} and len(with_test["train"]) == 30
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from medxai.config import AugmentConfig, PreprocessConfig, TrainConfig
+from medxai.config import AugmentConfig, TrainConfig
 from medxai.data.prepared import PreparedSplit
 from medxai.data.preprocess import Preprocessor
 from medxai.data.augment import BatchAugmenter
@@ -16,12 +16,13 @@ from medxai.errors import CheckpointError
 from medxai.models import create_model
 from medxai.models.card import ModelCard
 from medxai.models.checkpoint import load_weights, save_weights
+from medxai.run_folder import RunFolder
 from medxai.train import BatchContext, fit
 
 
 def _card(model, **changes) -> ModelCard:
     values = dict(
-        architecture="simple_cnn", num_classes=2, in_chans=1, input_size=16, label_names=["normal", "pneumonia"],
+        architecture="simple_cnn", num_classes=2, label_names=["normal", "pneumonia"],
         preprocess={"size": 16, "channels": 1, "normalize": "fixed", "mean": [0.5], "std": [0.25]},
         cam_layer=model.cam_layer, dropout=0.2, positive_label="pneumonia",
     )
@@ -72,7 +73,7 @@ def _train(run_dir, card_model_seed, epochs, *, resume=False, interrupt_after=No
     torch.manual_seed(card_model_seed)
     model = create_model("simple_cnn", 2, 1, input_size=16, dropout=0.2)
     card = _card(model)
-    preprocessor = Preprocessor(PreprocessConfig(**{**card.preprocess, "mean": [0.5], "std": [0.25]}))
+    preprocessor = Preprocessor(card.preprocess)  # normalize "fixed", mean 0.5, std 0.25
     context = BatchContext(preprocessor, torch.device("cpu"), batch_size=16)
     config = TrainConfig(epochs=epochs, lr=3e-3, seed=5, warmup_epochs=0.5)
 
@@ -83,7 +84,7 @@ def _train(run_dir, card_model_seed, epochs, *, resume=False, interrupt_after=No
     return fit(
         model, _toy_split(64, 1), _toy_split(32, 2), context=context,
         augmenter=BatchAugmenter(AugmentConfig(rotation_degrees=10, hflip=0.5)), config=config, card=card,
-        run_dir=run_dir, score_fn=lambda logits, labels: -torch.nn.functional.cross_entropy(logits, labels).item(),
+        run=RunFolder(run_dir), score_fn=lambda logits, labels: -torch.nn.functional.cross_entropy(logits, labels).item(),
         resume=resume, callbacks=[stop],
     )
 

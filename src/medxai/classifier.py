@@ -3,6 +3,10 @@
 Everything is rebuilt from the run folder's model card: preprocessing (with the train-split statistics), label
 names, calibration temperature, operating threshold and Grad-CAM layer. Inputs may be file paths, NumPy arrays or PIL
 images; heatmaps come back at each input's ORIGINAL resolution.
+
+Every heatmap explains the label the decision rule reports (the operating threshold on the calibrated probability of
+the positive class, else the argmax) unless a target is given; for a two-logit binary model its score is that
+label's log-odds, ``z_label - z_other`` (:class:`~medxai.explain.LogOddsTarget`).
 """
 
 from __future__ import annotations
@@ -16,13 +20,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from medxai.config import PreprocessConfig
 from medxai.data import read_image
+from medxai.data.labels import label_key
 from medxai.data.preprocess import ContentBox, Preprocessor
-from medxai.errors import CheckpointError, ConfigError, InvalidImageError
-from medxai.explain import get_cam_method, overlay_heatmap
-from medxai.models.card import MODEL_CARD_FILE, ModelCard
+from medxai.errors import ConfigError, InvalidImageError
+from medxai.explain import DecisionTarget, LogOddsTarget, get_cam_method, overlay_heatmap
+from medxai.models.card import ModelCard
 from medxai.models.checkpoint import load_weights
+from medxai.run_folder import RunFolder
 from medxai.train import autocast_context, resolve_device
 
 __all__ = ["Classifier", "Prediction", "Explanation", "load", "InputImage"]
@@ -75,27 +80,33 @@ class Classifier:
         self.card = card
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
-        self.preprocessor = Preprocessor(PreprocessConfig(**_tuples(card.preprocess)))
+        self.preprocessor = Preprocessor(card.preprocess)
         self.batch_size = batch_size
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, *, checkpoint: str = "best", device: str = "auto") -> Classifier:
+    def from_run(
+        cls, run_dir: str | Path, *, checkpoint: str = "best", device: str = "auto", batch_size: int = 32
+    ) -> Classifier:
         """Load ``run_dir/checkpoints/<checkpoint>.safetensors`` with the run's model card."""
-        run_dir = Path(run_dir)
-        if not run_dir.is_dir():
-            raise CheckpointError(f"{run_dir}: run folder not found")
-        card = ModelCard.load(run_dir / MODEL_CARD_FILE)
-        model, card = load_weights(run_dir / "checkpoints" / f"{checkpoint}.safetensors", card)
-        return cls(model, card, device=device)
+        run = RunFolder(run_dir)
+        run.check_is_run()
+        model, card = load_weights(run.weights_path(checkpoint), run.read_card())
+        return cls(model, card, device=device, batch_size=batch_size)
 
     @property
     def label_names(self) -> list[str]:
         return list(self.card.label_names)
 
     # ----------------------------------------------------------------------------------------------------------
-    def predict(self, inputs: InputImage | Sequence[InputImage]) -> list[Prediction]:
-        """Predict every input; a file that cannot be read raises :class:`InvalidImageError` naming it."""
-        items = [_decode(item, index) for index, item in enumerate(_as_list(inputs))]
+    def predict(self, inputs: InputImage | Sequence[InputImage], *, ids: Sequence[str] | None = None) -> list[Prediction]:
+        """Predict every input; a file that cannot be read raises :class:`InvalidImageError` naming it.
+
+        Args:
+            inputs: file paths, arrays or PIL images, or one of them.
+            ids: what to call each input in the results (default: its path, or ``array[i]``); batch jobs pass
+                pseudonyms here when file names must not appear in outputs.
+        """
+        items = _decode_all(inputs, ids)
         predictions: list[Prediction] = []
         for start in range(0, len(items), self.batch_size):
             chunk = items[start : start + self.batch_size]
@@ -112,21 +123,25 @@ class Classifier:
         method: str = "gradcam",
         target: int | str | None = None,
         layer: str | list[str] | None = None,
+        ids: Sequence[str] | None = None,
     ) -> list[Explanation]:
         """Predict and explain in one forward per batch; heatmaps come back at each image's original size.
 
         Args:
-            target: class index or label name to explain; None explains the predicted class.
+            target: class index or label name to explain; None explains the label the decision rule reports
+                (the same label as the prediction's).
             layer: module name(s) for the CAM; None uses the model's declared layer.
+            ids: see :meth:`predict`.
         """
         cam = get_cam_method(method)(self.model, layer or self.card.cam_layer)
         target_index = self._target_index(target)
-        items = [_decode(item, index) for index, item in enumerate(_as_list(inputs))]
+        cam_target = self.decision_target() if target_index is None else LogOddsTarget(target_index)
+        items = _decode_all(inputs, ids)
         explanations: list[Explanation] = []
         for start in range(0, len(items), self.batch_size):
             chunk = items[start : start + self.batch_size]
             batch, boxes = self._prepare(chunk)
-            result = cam(batch, target=target_index)
+            result = cam(batch, target=cam_target)
             predictions = self._predictions([name for name, _ in chunk], result.logits.float())
             maps = result.maps.float().cpu().numpy()
             for (name, image), prediction, heatmap, box, target_class in zip(
@@ -159,9 +174,17 @@ class Classifier:
             if isinstance(target, int) and not 0 <= target < self.card.num_classes:
                 raise ConfigError(f"target class index {target} is outside 0..{self.card.num_classes - 1}")
             return target
-        if target not in self.card.label_names:
+        if target in self.card.label_names:
+            return self.card.label_names.index(target)
+        matches = [index for index, name in enumerate(self.card.label_names) if label_key(name) == label_key(target)]
+        if len(matches) != 1:
             raise ConfigError(f"target label '{target}' is not one of the model's labels {self.card.label_names}")
-        return self.card.label_names.index(target)
+        return matches[0]
+
+    def decision_target(self) -> DecisionTarget:
+        """The CAM target of the reported label: :meth:`decide` on the calibrated probabilities of the same forward
+        pass, scored by log-odds (see the module docstring)."""
+        return DecisionTarget(lambda logits: self.decide(self.probabilities(logits)), self.decision_rule())
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Softmax of temperature-scaled logits (temperature 1.0 until calibrated)."""
@@ -179,7 +202,7 @@ class Classifier:
     def _predictions(self, names: Sequence[str], logits: torch.Tensor) -> list[Prediction]:
         probabilities = self.probabilities(logits)
         decisions = self.decide(probabilities).tolist()
-        rule = self._decision_rule()
+        rule = self.decision_rule()
         rows = probabilities.cpu().tolist()
         return [
             Prediction(
@@ -192,7 +215,8 @@ class Classifier:
             for name, decision, row in zip(names, decisions, rows)
         ]
 
-    def _decision_rule(self) -> str:
+    def decision_rule(self) -> str:
+        """The rule in words: ``"argmax"`` or ``"threshold 0.37 on pneumonia (youden)"``."""
         threshold = (self.card.threshold or {}).get("value")
         if self.card.is_binary and threshold is not None:
             positive = self.card.label_names[self.card.positive_index]
@@ -205,19 +229,23 @@ def load(run_dir: str | Path, *, checkpoint: str = "best", device: str = "auto")
     return Classifier.from_run(run_dir, checkpoint=checkpoint, device=device)
 
 
-def _tuples(preprocess: dict[str, Any]) -> dict[str, Any]:
-    values = dict(preprocess)
-    if isinstance(values.get("clip_percentiles"), list):
-        values["clip_percentiles"] = tuple(values["clip_percentiles"])
-    return values
-
-
 def _as_list(inputs: InputImage | Sequence[InputImage]) -> list[InputImage]:
     if isinstance(inputs, (str, Path, np.ndarray)) or hasattr(inputs, "getpixel"):
         return [inputs]
     if isinstance(inputs, Iterable):
         return list(inputs)
     return [inputs]
+
+
+def _decode_all(inputs: InputImage | Sequence[InputImage], ids: Sequence[str] | None) -> list[tuple[str, np.ndarray]]:
+    """Decode every input to ``(id, array)``; ``ids`` rename them (same length as the inputs)."""
+    items = [_decode(item, index) for index, item in enumerate(_as_list(inputs))]
+    if ids is None:
+        return items
+    ids = list(ids)
+    if len(ids) != len(items):
+        raise ConfigError(f"got {len(ids)} ids for {len(items)} inputs")
+    return [(name, image) for name, (_, image) in zip(ids, items)]
 
 
 def _decode(item: InputImage, index: int) -> tuple[str, np.ndarray]:

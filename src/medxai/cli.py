@@ -1,4 +1,8 @@
-"""The ``medxai`` command: one subcommand per stage (see ``medxai --help``)."""
+"""The ``medxai`` command: parses arguments and calls a job (:mod:`medxai.jobs`); nothing else.
+
+Options left unset are passed on as None, so every default lives in one place: the configuration dataclasses of
+:mod:`medxai.config` (or the job's signature, for the few choices that are not configuration).
+"""
 
 from __future__ import annotations
 
@@ -7,14 +11,15 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from medxai.errors import InvalidImageError, MedxaiError
+from medxai.errors import ConfigError, MedxaiError
 
 __all__ = ["main", "build_parser"]
 
@@ -33,8 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = commands.add_parser("demo", help="train the simple CNN on PneumoniaMNIST, evaluate and explain (CPU is enough)")
-    demo.add_argument("--out", default="runs", help="folder that receives the run folder 'demo' (default: runs)")
-    demo.add_argument("--device", default="auto")
+    demo.add_argument("--out", help="folder that receives the run folder 'demo' (default: runs)")
+    demo.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: auto)")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
 
     train = commands.add_parser("train", help="train a model; writes a run folder")
@@ -47,21 +52,26 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int)
     train.add_argument("--lr", type=float)
     train.add_argument("--size", type=int, help="model input side in pixels")
-    train.add_argument("--name", help="run name (folder under --out)")
+    train.add_argument("--positive-label", help="the positive (finding) class of a binary task (data.positive_label)")
+    train.add_argument("--name", help="run name: one folder name under --out (default: run)")
     train.add_argument("--out", help="parent folder of run folders (default: runs)")
     train.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     train.add_argument("--seed", type=int)
-    train.add_argument("--resume", action="store_true", help="continue an interrupted run exactly where it stopped")
-    train.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the interrupted run --out/--name from its own config.yaml")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing run folder (medxai runs only)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="any config value, e.g. --set augment.rotation_degrees=15 (repeatable)")
 
-    evaluate = commands.add_parser("evaluate", help="evaluate a run on a split of any labelled data")
+    evaluate = commands.add_parser(
+        "evaluate", help="evaluate a run on its own split or on other data; writes RUN/evaluations/NAME/"
+    )
     evaluate.add_argument("run", help="run folder")
     evaluate.add_argument("--data", required=True, help="image folder, CSV manifest, .npz or MedMNIST name")
-    evaluate.add_argument("--split", default="test", help="train, val, test, or all (default: test)")
-    evaluate.add_argument("--out", help="where metrics.json goes (default: the run folder)")
-    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--split", help="train, val, test, or all (default: test)")
+    evaluate.add_argument("--name", help="evaluation folder name under RUN/evaluations (default: DATA-SPLIT)")
+    _add_data_options(evaluate)
+    _add_inference_options(evaluate)
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
     predict = commands.add_parser("predict", help="classify images (files or folders)")
@@ -69,43 +79,50 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("images", nargs="+", help="image files or folders")
     predict.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     predict.add_argument("--out", help="also write predictions.csv and skipped.csv here")
-    predict.add_argument("--device", default="auto")
+    _add_hash_names(predict)
+    _add_inference_options(predict)
 
     explain = commands.add_parser("explain", help="write Grad-CAM overlays at each image's original resolution")
     explain.add_argument("run", help="run folder")
     explain.add_argument("images", nargs="+", help="image files or folders")
     explain.add_argument("--out", required=True, help="output folder for overlays")
-    explain.add_argument("--method", default="gradcam", help="CAM method (default: gradcam)")
+    explain.add_argument("--method", help="CAM method (default: gradcam)")
     explain.add_argument("--layer", action="append", help="module name(s) to explain at (default: the model's CAM layer)")
-    explain.add_argument("--target", help="class name or index to explain (default: the predicted class)")
-    explain.add_argument("--colormap", default="jet")
-    explain.add_argument("--alpha", type=float, default=0.4, help="heatmap opacity (default 0.4)")
-    explain.add_argument("--npy", action="store_true", help="also save raw heatmaps as .npy")
+    explain.add_argument("--target", help="class name or index to explain (default: the label the model reports)")
+    explain.add_argument("--colormap", help="matplotlib colormap (default: jet)")
+    explain.add_argument("--alpha", type=float, help="heatmap opacity (default 0.4)")
+    explain.add_argument("--npy", action="store_true", default=None, help="also save raw heatmaps as .npy")
     explain.add_argument("--json", action="store_true")
-    explain.add_argument("--device", default="auto")
-    explain.add_argument("--hash-names", action="store_true",
-                         help="name outputs by a hash of the input's relative path (for file names that hold PHI)")
+    _add_hash_names(explain)
     explain.add_argument("--dicom-sc", action="store_true",
-                         help="for DICOM inputs, also write the overlay as a DICOM Secondary Capture (.dcm) "
-                              "referencing the source study and series; no patient data unless the next option")
+                         help="for DICOM inputs, also write the overlay as a DICOM Secondary Capture (.dcm) in the "
+                              "source's study, referencing the source; no patient data unless the next option")
     explain.add_argument("--dicom-sc-copy-patient", action="store_true",
                          help="copy the patient and study identification into the Secondary Capture (PHI!)")
+    explain.add_argument("--dicom-sc-deidentify", action="store_true",
+                         help="give each Secondary Capture a new study of its own, without references to the source")
+    _add_inference_options(explain)
 
     check_data = commands.add_parser("check-data", help="counts, unreadable files, duplicates within and across splits")
     check_data.add_argument("path", help="image folder, CSV manifest, .npz file or MedMNIST subset name")
     check_data.add_argument("--json", action="store_true", help="print the full result as JSON")
     check_data.add_argument("--out", help="also write the full result to this JSON file")
-    check_data.add_argument("--near-threshold", type=int, default=None,
+    check_data.add_argument("--near-threshold", type=int,
                             help="largest perceptual-hash distance (of 256 bits) for a near duplicate (default 24)")
     check_data.add_argument("--patient-pattern", help="regex giving the patient id from file names")
+    check_data.add_argument("--split-folders", help=_SPLIT_FOLDERS_HELP)
 
     report = commands.add_parser("report", help="write a run's self-contained HTML report (train and demo do this too)")
     report.add_argument("run", help="run folder")
     report.add_argument("--out", help="HTML file to write (default: RUN/report.html)")
 
-    compare = commands.add_parser("compare", help="table of runs: model, data, metrics with 95%% confidence intervals")
-    compare.add_argument("runs", nargs="+", help="run folders")
+    compare = commands.add_parser(
+        "compare", help="table of runs and evaluations: model, data, metrics with 95%% confidence intervals"
+    )
+    compare.add_argument("runs", nargs="+", help="run folders, or evaluation folders (RUN/evaluations/NAME)")
     compare.add_argument("--split", help="split to compare (default: test where present, else val)")
+    compare.add_argument("--evaluations", action="store_true",
+                         help="also a column for every evaluation of each run (RUN/evaluations/*)")
     compare.add_argument("--json", action="store_true", help="print the rows as JSON")
 
     explain_eval = commands.add_parser(
@@ -113,22 +130,46 @@ def build_parser() -> argparse.ArgumentParser:
     )
     explain_eval.add_argument("run", help="run folder")
     explain_eval.add_argument("--data", required=True, help="image folder, CSV manifest, .npz or MedMNIST name")
-    explain_eval.add_argument("--split", default="test", help="train, val, test, or all (default: test)")
-    explain_eval.add_argument("--methods", default="gradcam",
-                              help="comma-separated CAM methods (default: gradcam; e.g. gradcam,scorecam)")
-    explain_eval.add_argument("--max-images", type=int, default=200,
+    explain_eval.add_argument("--split", help="train, val, test, or all (default: test)")
+    explain_eval.add_argument("--methods", help="comma-separated CAM methods (default: gradcam; e.g. gradcam,scorecam)")
+    explain_eval.add_argument("--max-images", type=int,
                               help="evaluate a seeded random subset of at most this many images (default 200)")
-    explain_eval.add_argument("--steps", type=int, default=20, help="deletion/insertion steps (default 20)")
-    explain_eval.add_argument("--baseline", choices=("blur", "mean"), default="blur",
-                              help="what deleted pixels become (default: blur)")
-    explain_eval.add_argument("--seed", type=int, default=0)
-    explain_eval.add_argument("--device", default="auto")
-    explain_eval.add_argument("--out", help="where explain_metrics.json goes (default: the run folder)")
+    explain_eval.add_argument("--steps", type=int, help="deletion/insertion steps (default 20)")
+    explain_eval.add_argument("--baseline", choices=("blur", "mean"), help="what deleted pixels become (default: blur)")
+    explain_eval.add_argument("--seed", type=int)
+    explain_eval.add_argument("--name", help="evaluation folder name for data other than the run's own")
+    explain_eval.add_argument("--label-map", action="append", metavar="DATA=MODEL", help=_LABEL_MAP_HELP)
+    explain_eval.add_argument("--split-folders", help=_SPLIT_FOLDERS_HELP)
+    _add_inference_options(explain_eval)
     explain_eval.add_argument("--json", action="store_true", help="print explain_metrics.json")
 
     commands.add_parser("models", help="list the registered architectures")
     commands.add_parser("presets", help="list the configuration presets")
     return parser
+
+
+_LABEL_MAP_HELP = "map a data label to a model label when their names differ beyond case/spaces/_/- (repeatable)"
+_SPLIT_FOLDERS_HELP = (
+    "which top-level folder is which split, e.g. 'train=Training,test=Testing' (other folders left out), or 'none' "
+    "to read every top-level folder as a class (default: recognised by name)"
+)
+
+
+def _add_data_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--label-map", action="append", metavar="DATA=MODEL", help=_LABEL_MAP_HELP)
+    parser.add_argument("--split-folders", help=_SPLIT_FOLDERS_HELP)
+    parser.add_argument("--patient-pattern", help="regex giving the patient id from file names")
+
+
+def _add_inference_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--batch-size", type=int, help="images per forward pass (default 32)")
+
+
+def _add_hash_names(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--hash-names", action="store_true",
+                        help="name inputs by a pseudonym in every output (CSV, JSON, files, console, skipped list, "
+                             "log): for file names that hold patient data; set MEDXAI_HASH_KEY to key the hash")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -137,11 +178,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _COMMANDS[arguments.command](arguments)
     except MedxaiError as error:
-        console.print(f"[bold red]error:[/] {error}", highlight=False)
+        _print_error(error)
+        return 2
+    except OSError as error:  # a folder that cannot be written, a disk that is full: the user's to fix
+        _print_error(f"{error.strerror or error}: {error.filename or ''}".rstrip(": "))
         return 2
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]; a training run can continue with --resume")
         return 130
+
+
+def _print_error(error: Any) -> None:
+    console.print("[bold red]error:[/] ", end="")
+    console.print(str(error), highlight=False, markup=False)
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -153,151 +202,135 @@ def _configure_logging(verbose: bool) -> None:
 # -- commands ------------------------------------------------------------------------------------------------------
 def _run_demo(arguments: argparse.Namespace) -> int:
     from medxai.config import load_config
-    from medxai.workflow import train_run
+    from medxai.jobs.train import train_run
 
-    config = load_config("demo", arguments.overrides)
-    config.out_dir, config.name = arguments.out, DEMO_NAME
-    config.train.device = arguments.device
+    overrides = list(arguments.overrides) + _overrides({"name": DEMO_NAME, "out_dir": arguments.out,
+                                                        "train.device": arguments.device})
+    config = load_config("demo", overrides)
     started = time.perf_counter()
     run_dir = train_run(config, overwrite=True)
     _print_metrics_table(run_dir, title=f"PneumoniaMNIST, {config.model.name} (cf. the founding paper's Table 1)")
     console.print(f"run folder: [bold]{run_dir}[/]  ({time.perf_counter() - started:.0f} s)")
-    console.print(f"report: [bold]{run_dir / 'report.html'}[/] (open it in a browser)")
+    _print_report_path(run_dir)
     return 0
 
 
 def _run_train(arguments: argparse.Namespace) -> int:
-    from medxai.config import load_config
-    from medxai.workflow import train_run
+    from medxai.config import RunConfig, load_config
+    from medxai.jobs.train import resume_config, train_run
 
-    overrides = list(arguments.overrides)
-    mapping = {
-        "data.source": arguments.data, "model.name": arguments.model, "model.pretrained": arguments.pretrained,
-        "model.weights": arguments.weights, "train.epochs": arguments.epochs, "train.batch_size": arguments.batch_size,
-        "train.lr": arguments.lr, "preprocess.size": arguments.size, "name": arguments.name,
-        "out_dir": arguments.out, "train.device": arguments.device, "train.seed": arguments.seed,
-    }
-    overrides += [f"{key}={json.dumps(value)}" for key, value in mapping.items() if value is not None]
-    config = load_config(arguments.preset, overrides)
+    overrides = list(arguments.overrides) + _overrides({
+        "data.source": arguments.data, "data.positive_label": arguments.positive_label,
+        "model.name": arguments.model, "model.pretrained": arguments.pretrained, "model.weights": arguments.weights,
+        "train.epochs": arguments.epochs, "train.batch_size": arguments.batch_size, "train.lr": arguments.lr,
+        "preprocess.size": arguments.size, "train.device": arguments.device, "train.seed": arguments.seed,
+    })
+    if arguments.resume:
+        if arguments.preset:
+            raise ConfigError("--resume continues a run from its own config.yaml; drop --preset/--config")
+        defaults = RunConfig()
+        run_dir = Path(arguments.out or defaults.out_dir) / (arguments.name or defaults.name)
+        config = resume_config(run_dir, overrides)
+    else:
+        config = load_config(arguments.preset, overrides + _overrides({"name": arguments.name,
+                                                                        "out_dir": arguments.out}))
     run_dir = train_run(config, resume=arguments.resume, overwrite=arguments.overwrite)
     _print_metrics_table(run_dir, title=f"{config.data.source}, {config.model.name}")
     console.print(f"run folder: [bold]{run_dir}[/]")
-    console.print(f"report: [bold]{run_dir / 'report.html'}[/] (open it in a browser)")
+    _print_report_path(run_dir)
     return 0
 
 
 def _run_evaluate(arguments: argparse.Namespace) -> int:
-    from medxai.workflow import evaluate_run
+    from medxai.jobs.evaluate import evaluate_run
 
-    evaluation = evaluate_run(arguments.run, arguments.data, arguments.split, out=arguments.out, device=arguments.device)
+    options = {"split": arguments.split} if arguments.split else {}
+    result = evaluate_run(
+        arguments.run, arguments.data, **options, name=arguments.name, label_map=arguments.label_map,
+        split_folders=_split_folders(arguments.split_folders), patient_pattern=arguments.patient_pattern,
+        inference=_inference(arguments),
+    )
+    evaluation = result.evaluation
     if arguments.json:
-        print(json.dumps({evaluation.split: evaluation.metrics}, indent=2))
+        print(json.dumps({evaluation.split: evaluation.metrics, "evaluation": result.info}, indent=2))
     else:
-        _print_metrics_table(Path(arguments.out or arguments.run), title=f"{arguments.data} ({arguments.split})",
-                             splits=[evaluation.split])
+        _print_metrics_table(result.folder.path, splits=[evaluation.split],
+                             title=f"{result.info['kind']} evaluation: {arguments.data} ({result.info['selection']})")
+        console.print(f"evaluation folder: [bold]{result.folder.path}[/]")
     return 0
 
 
 def _run_predict(arguments: argparse.Namespace) -> int:
-    from medxai.classifier import load
-    from medxai.workflow import write_skipped
+    from medxai.jobs.predict import predict_files
 
-    classifier = load(arguments.run, device=arguments.device)
-    files = expand_inputs(arguments.images)
-    results, skipped = _batched(files, classifier.predict)
-    if arguments.out:
-        out = Path(arguments.out)
-        out.mkdir(parents=True, exist_ok=True)
-        _write_predictions_csv(out / "predictions.csv", results, classifier.label_names)
-        write_skipped(out / "skipped.csv", skipped)
+    result = predict_files(arguments.run, arguments.images, out=arguments.out, hash_names=arguments.hash_names,
+                           inference=_inference(arguments))
+    label_names = result.classifier.label_names
     if arguments.json:
-        for prediction in results:
+        for prediction in result.predictions:
             print(json.dumps(prediction.to_dict()))
-        for path, reason in skipped:
-            print(json.dumps({"id": path, "skipped": reason}))
+        for name, reason in result.skipped:
+            print(json.dumps({"id": name, "skipped": reason}))
     else:
-        table = Table(title=f"{len(results)} predicted, {len(skipped)} skipped, {len(files)} files")
+        table = Table(title=f"{len(result.predictions)} predicted, {len(result.skipped)} skipped, "
+                            f"{result.inputs} inputs")
         table.add_column("image", overflow="fold")
         table.add_column("prediction")
-        for name in classifier.label_names:
+        for name in label_names:
             table.add_column(f"p({name})", justify="right")
-        for prediction in results:
+        for prediction in result.predictions:
             table.add_row(prediction.id, prediction.label,
-                          *(f"{prediction.probabilities[name]:.3f}" for name in classifier.label_names))
+                          *(f"{prediction.probabilities[name]:.3f}" for name in label_names))
         console.print(table)
-        _print_skipped(skipped)
-    return 0 if results or not files else 1
+        _print_skipped(result.skipped)
+    return 0 if result.predictions or not result.inputs else 1
 
 
 def _run_explain(arguments: argparse.Namespace) -> int:
-    import hashlib
+    from medxai.config import ExplainConfig, with_values
+    from medxai.jobs.predict import DicomOutput, explain_files
 
-    import numpy as np
-
-    from medxai.classifier import load
-    from medxai.data.dicom_sc import is_dicom_file, write_secondary_capture
-    from medxai.explain import save_overlay
-    from medxai.workflow import write_skipped
-
-    classifier = load(arguments.run, device=arguments.device)
     target = arguments.target
     if target is not None and target.isdigit():
         target = int(target)
-    files = expand_inputs(arguments.images)
-    out = Path(arguments.out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    def explain(paths):
-        return classifier.explain(paths, method=arguments.method, target=target, layer=arguments.layer)
-
-    explanations, skipped = _batched(files, explain)
-    written = []
-    for explanation in explanations:
-        stem = _output_stem(explanation.prediction.id, arguments.images)
-        if arguments.hash_names:
-            stem = hashlib.sha256(stem.encode()).hexdigest()[:20]
-        path = save_overlay(out / f"{stem}.png", explanation.image, explanation.heatmap,
-                            colormap=arguments.colormap, alpha=arguments.alpha)
-        if arguments.npy:
-            np.save(out / f"{stem}.npy", explanation.heatmap)
-        if arguments.dicom_sc and is_dicom_file(explanation.prediction.id):
-            description = f"{explanation.method} heatmap overlay ({explanation.target_label})"
-            try:
-                write_secondary_capture(explanation.overlay(colormap=arguments.colormap, alpha=arguments.alpha),
-                                        explanation.prediction.id, out / f"{stem}.dcm",
-                                        copy_patient=arguments.dicom_sc_copy_patient, description=description)
-            except InvalidImageError as error:  # the PNG overlay stands; only the DICOM copy is missing
-                logger.warning("no DICOM secondary capture for %s: %s", error.path, error.reason)
-        written.append((explanation, path))
-    write_skipped(out / "skipped.csv", skipped)
+    explain = with_values(ExplainConfig(), method=arguments.method, layer=arguments.layer,
+                          colormap=arguments.colormap, alpha=arguments.alpha, save_npy=arguments.npy)
+    dicom = DicomOutput(arguments.dicom_sc, arguments.dicom_sc_copy_patient, arguments.dicom_sc_deidentify)
+    result = explain_files(arguments.run, arguments.images, arguments.out, explain=explain, target=target,
+                           hash_names=arguments.hash_names, dicom=dicom, inference=_inference(arguments))
     if arguments.json:
-        for explanation, path in written:
-            print(json.dumps({**explanation.prediction.to_dict(), "overlay": str(path),
-                              "explained_label": explanation.target_label, "method": explanation.method}))
+        for item in result.explained:
+            print(json.dumps({**item.explanation.prediction.to_dict(), "overlay": str(item.overlay),
+                              "explained_label": item.explanation.target_label, "method": item.explanation.method}))
+        for name, reason in result.skipped:
+            print(json.dumps({"id": name, "skipped": reason}))
     else:
-        table = Table(title=f"{len(written)} explained, {len(skipped)} skipped, {len(files)} files -> {out}")
-        table.add_column("image", overflow="fold")
-        table.add_column("prediction")
-        table.add_column("explained")
-        table.add_column("overlay", overflow="fold")
-        for explanation, path in written:
-            table.add_row(explanation.prediction.id, explanation.prediction.label, explanation.target_label, path.name)
+        table = Table(title=f"{len(result.explained)} explained, {len(result.skipped)} skipped, {result.inputs} inputs "
+                            f"-> {arguments.out}")
+        for column in ("image", "prediction", "explained", "overlay"):
+            table.add_column(column, overflow="fold")
+        for item in result.explained:
+            prediction = item.explanation.prediction
+            table.add_row(prediction.id, prediction.label, item.explanation.target_label, item.overlay.name)
         console.print(table)
-        _print_skipped(skipped)
-    return 0 if written or not files else 1
+        _print_skipped(result.skipped)
+    return 0 if result.explained or not result.inputs else 1
 
 
 def _run_check_data(arguments: argparse.Namespace) -> int:
-    from medxai.data.check import NEAR_DUPLICATE_BITS, check_data, check_data_table
+    from medxai.data.check import check_data, check_data_table, interpretation_lines
 
-    threshold = NEAR_DUPLICATE_BITS if arguments.near_threshold is None else arguments.near_threshold
-    result = check_data(arguments.path, near_threshold=threshold, patient_pattern=arguments.patient_pattern)
+    options = {"near_threshold": arguments.near_threshold} if arguments.near_threshold is not None else {}
+    result = check_data(arguments.path, patient_pattern=arguments.patient_pattern,
+                        split_folders=_split_folders(arguments.split_folders), **options)
     if arguments.out:
         Path(arguments.out).parent.mkdir(parents=True, exist_ok=True)
         Path(arguments.out).write_text(json.dumps(result, indent=2))
     if arguments.json:
         print(json.dumps(result, indent=2))
     else:
+        for line in interpretation_lines(result):
+            console.print(line, highlight=False, markup=False)
         for table in check_data_table(result):
             console.print(table)
     return 0
@@ -328,7 +361,7 @@ def _run_report(arguments: argparse.Namespace) -> int:
 def _run_compare(arguments: argparse.Namespace) -> int:
     from medxai.report.compare import compare_runs, comparison_table
 
-    rows = compare_runs(arguments.runs, split=arguments.split)
+    rows = compare_runs(arguments.runs, split=arguments.split, evaluations=arguments.evaluations)
     if arguments.json:
         print(json.dumps(rows, indent=2))
     else:
@@ -337,13 +370,18 @@ def _run_compare(arguments: argparse.Namespace) -> int:
 
 
 def _run_explain_eval(arguments: argparse.Namespace) -> int:
-    from medxai.explain._evaluation import EXPLAIN_METRICS_FILE, evaluate_explanations
+    from medxai.config import ExplainEvalConfig, with_values
+    from medxai.jobs.explain_eval import evaluate_explanations
+    from medxai.run_folder import EvaluationFolder
 
-    methods = [name.strip() for name in arguments.methods.split(",") if name.strip()]
+    methods = [name.strip() for name in arguments.methods.split(",") if name.strip()] if arguments.methods else None
+    settings = with_values(ExplainEvalConfig(), methods=methods, max_images=arguments.max_images,
+                           steps=arguments.steps, baseline=arguments.baseline, seed=arguments.seed)
+    options = {"split": arguments.split} if arguments.split else {}
     document = evaluate_explanations(
-        arguments.run, arguments.data, arguments.split, methods=methods, max_images=arguments.max_images,
-        steps=arguments.steps, baseline=arguments.baseline, seed=arguments.seed, device=arguments.device,
-        out=arguments.out,
+        arguments.run, arguments.data, **options, settings=settings, name=arguments.name,
+        label_map=arguments.label_map, split_folders=_split_folders(arguments.split_folders),
+        inference=_inference(arguments),
     )
     if arguments.json:
         print(json.dumps(document, indent=2))
@@ -360,7 +398,7 @@ def _run_explain_eval(arguments: argparse.Namespace) -> int:
         sanity = "passed" if entry["sanity_check"]["passed"] else "[red]FAILED[/]"
         table.add_row(name, *cells, sanity, f"{entry['seconds']:.0f}")
     console.print(table)
-    console.print(f"written: [bold]{Path(arguments.out or arguments.run) / EXPLAIN_METRICS_FILE}[/]")
+    console.print(f"written: [bold]{EvaluationFolder(document['folder']).explain_metrics_path}[/]")
     return 0
 
 
@@ -389,66 +427,39 @@ _COMMANDS = {
 
 
 # -- helpers -------------------------------------------------------------------------------------------------------
-def expand_inputs(items: Sequence[str]) -> list[str]:
-    """Files as given; folders expanded recursively to every non-hidden file, sorted (content decides later)."""
-    from medxai.data.sources import is_hidden_or_system
-
-    files: list[str] = []
-    for item in items:
-        path = Path(item)
-        if path.is_dir():
-            for child in sorted(path.rglob("*")):
-                relative = child.relative_to(path)
-                if child.is_file() and not any(is_hidden_or_system(Path(part)) for part in relative.parts):
-                    files.append(str(child))
-        else:
-            files.append(str(path))
-    return files
+def _overrides(values: Mapping[str, Any]) -> list[str]:
+    """``section.key=value`` overrides for the options that were given (None: left to the config's default)."""
+    return [f"{key}={json.dumps(value)}" for key, value in values.items() if value is not None]
 
 
-def _batched(files: Sequence[str], function, chunk: int = 32):
-    """Run ``function`` on chunks of files; a chunk with a bad file is retried file by file so nothing is lost."""
-    results, skipped = [], []
-    for start in range(0, len(files), chunk):
-        part = list(files[start : start + chunk])
-        try:
-            results.extend(function(part))
-        except InvalidImageError:
-            for path in part:
-                try:
-                    results.extend(function([path]))
-                except InvalidImageError as error:
-                    skipped.append((path, error.reason))
-                    logger.warning("skipped %s: %s", path, error.reason)
-    return results, skipped
+def _inference(arguments: argparse.Namespace):
+    from medxai.config import InferenceConfig, with_values
+
+    return with_values(InferenceConfig(), device=arguments.device, batch_size=arguments.batch_size)
 
 
-def _output_stem(image_id: str, roots: Sequence[str]) -> str:
-    """Name outputs by the input's path relative to the folder it was found in (no collisions across folders)."""
-    path = Path(image_id)
-    for root in roots:
-        root_path = Path(root)
-        if root_path.is_dir() and path.is_relative_to(root_path):
-            path = path.relative_to(root_path)
-            break
-    else:
-        path = Path(path.name)
-    text = "__".join(path.with_suffix("").parts) + (f"{path.suffix.replace('.', '_')}" if path.suffix else "")
-    return "".join(char if char.isalnum() or char in "-_." else "_" for char in text)
+def _split_folders(text: str | None) -> dict[str, str] | None:
+    """``--split-folders 'train=Training,test=Testing'`` (or ``none``) as ``data.split_folders`` takes it."""
+    if text is None:
+        return None
+    if text.strip().lower() in ("none", "{}", ""):
+        return {}
+    folders = {}
+    for item in text.split(","):
+        split, separator, folder = item.partition("=")
+        if not separator or not split.strip() or not folder.strip():
+            raise ConfigError(f"--split-folders {text!r}: expected SPLIT=FOLDER[,SPLIT=FOLDER...] or 'none'")
+        folders[split.strip()] = folder.strip()
+    return folders
 
 
-def _write_predictions_csv(path: Path, results, label_names) -> None:
-    import csv
+def _print_report_path(run_dir: Path) -> None:
+    from medxai.run_folder import RunFolder
 
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["file", "prediction", *(f"p_{name}" for name in label_names), "decision_rule"])
-        for prediction in results:
-            writer.writerow([prediction.id, prediction.label,
-                             *(prediction.probabilities[name] for name in label_names), prediction.decision_rule])
+    console.print(f"report: [bold]{RunFolder(run_dir).report_path}[/] (open it in a browser)")
 
 
-def _print_skipped(skipped) -> None:
+def _print_skipped(skipped: Sequence[tuple[str, str]]) -> None:
     if skipped:
         table = Table(title=f"skipped {len(skipped)} file(s)", title_style="yellow")
         table.add_column("file", overflow="fold")
@@ -458,9 +469,11 @@ def _print_skipped(skipped) -> None:
         console.print(table)
 
 
-def _print_metrics_table(run_dir: Path, title: str, splits: Sequence[str] | None = None) -> None:
+def _print_metrics_table(folder: Path, title: str, splits: Sequence[str] | None = None) -> None:
     """A table like the founding paper's Table 1: accuracy, precision, recall, F1, plus AUC, sens., spec."""
-    metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
+    from medxai.run_folder import EvaluationFolder
+
+    metrics = EvaluationFolder(folder).read_metrics()
     table = Table(title=title)
     columns = ("accuracy", "precision", "recall", "f1", "auc", "sensitivity", "specificity", "n")
     table.add_column("split")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar, get_args, get_origin, get_type_hints
@@ -25,14 +26,28 @@ __all__ = [
     "TrainConfig",
     "ExplainConfig",
     "RunConfig",
+    "InferenceConfig",
+    "ExplainEvalConfig",
+    "with_values",
     "load_config",
     "preset_path",
     "list_presets",
     "apply_overrides",
     "save_config",
+    "build_config",
+    "is_offline",
+    "OFFLINE_ENV",
 ]
 
 PRESET_DIR = Path(__file__).parent / "configs"
+
+#: Set to anything but empty, 0, false or no, and medxai downloads nothing: neither data nor weights.
+OFFLINE_ENV = "MEDXAI_OFFLINE"
+
+
+def is_offline() -> bool:
+    """Whether downloads are forbidden (``MEDXAI_OFFLINE``); hospitals are often offline, tests always are."""
+    return os.environ.get(OFFLINE_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
 @dataclass
@@ -40,12 +55,22 @@ class DataConfig:
     """Where the images come from and how splits are made."""
 
     source: str = "pneumoniamnist"  # a folder, a .csv manifest, a .npz file or a MedMNIST subset name
+    # Which top-level folder holds which split, e.g. {train: Training, test: Testing}; {} reads every top-level
+    # folder as a class; None recognises split folders by name (train/training/train_set, val/valid/dev, test/...).
+    split_folders: dict[str, str] | None = None
+    # The positive (disease) class of a binary task; None chooses by whole words (pneumonia over normal, tumor over
+    # no_tumor) and logs the choice. It drives sensitivity, specificity, P/R/F1, the threshold and the gallery.
+    positive_label: str | None = None
     val_fraction: float = 0.1  # carved from train (stratified, grouped by patient) when the data has no val split
+    # An official val split smaller than this, or than 5% of train, is merged into train and val carved instead
+    # (the Kaggle chest X-ray set ships a 16-image val/): the best epoch, temperature and threshold need more.
+    min_val_size: int = 100
     test_fraction: float = 0.0  # carved too when the data has no test split and this is > 0
     patient_pattern: str | None = None  # regex on file names; group 1 = patient id, used to group splits
     split_seed: int = 0  # seed of the carved splits (independent of the training seed)
     num_workers: int = 0  # decoding processes; 0 decodes in the main process
     drop_test_duplicates: bool = False  # drop test images with an exact/near duplicate in train (data_check.json)
+    near_duplicate_bits: int = 24  # largest pHash distance (of 256 bits) of a near duplicate; < 0 turns it off
 
 
 @dataclass
@@ -132,6 +157,27 @@ class ExplainConfig:
 
 
 @dataclass
+class InferenceConfig:
+    """How a trained run is applied to new images (predict, explain, evaluate, explain-eval)."""
+
+    device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1"...
+    batch_size: int = 32  # images per forward pass
+
+
+@dataclass
+class ExplainEvalConfig:
+    """`medxai explain-eval`: how faithfulness and sanity of the CAM methods are measured."""
+
+    methods: list[str] = field(default_factory=lambda: ["gradcam"])  # CAM method names
+    max_images: int = 200  # a seeded random subset of at most this many images is evaluated
+    steps: int = 20  # deletion/insertion steps
+    baseline: str = "blur"  # what deleted pixels become: "blur" or "mean"
+    seed: int = 0  # image subset, random heatmaps, ROAD noise, re-initialisation order
+    batch_size: int = 64  # images per forward pass
+    sanity_images: int = 32  # images in the model-randomisation sanity check
+
+
+@dataclass
 class RunConfig:
     """Everything that defines a run."""
 
@@ -162,6 +208,20 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(item) for item in value]
     return value
+
+
+def build_config(cls: type[T], values: dict[str, Any], where: str) -> T:
+    """Build the config dataclass ``cls`` from a mapping (YAML or JSON), rejecting unknown keys and coercing types.
+
+    Args:
+        cls: a dataclass of this module.
+        values: its keys and values.
+        where: what the mapping is, for error messages (``"config"``, ``"model card preprocess"``).
+
+    Raises:
+        ConfigError: an unknown key (with a suggestion) or a value of the wrong type.
+    """
+    return _build(cls, values, where)
 
 
 def _build(cls: type[T], values: dict[str, Any], where: str) -> T:
@@ -200,6 +260,10 @@ def _coerce(annotation: Any, value: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         return [_coerce(args[0], v, where) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping such as {{train: Training}}, got {value!r}")
+        return {_coerce(args[0], k, where): _coerce(args[1], v, where) for k, v in value.items()}
     try:
         if annotation is bool:
             if isinstance(value, str):
@@ -217,6 +281,16 @@ def _coerce(annotation: Any, value: Any, where: str) -> Any:
     except (TypeError, ValueError):
         raise ConfigError(f"{where}: {value!r} is not a valid {annotation.__name__}") from None
     return value
+
+
+def with_values(config: T, **values: Any) -> T:
+    """A copy of the dataclass ``config`` with the given fields set; None values are skipped, so a command line's
+    unset options (None) keep the dataclass defaults."""
+    chosen = {key: value for key, value in values.items() if value is not None}
+    unknown = sorted(set(chosen) - {item.name for item in fields(config)})
+    if unknown:
+        raise ConfigError(f"{type(config).__name__}: unknown option(s) {unknown}")
+    return dataclasses.replace(config, **chosen)
 
 
 def list_presets() -> list[str]:

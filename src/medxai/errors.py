@@ -46,7 +46,7 @@ class UnsupportedDicomError(InvalidImageError):
 class ImageTooLargeError(InvalidImageError):
     """An image, volume or compressed stream larger than the configured limits (a possible decompression bomb).
 
-    The limits live in :mod:`medxai.data._limits`; raise them there for files you trust.
+    The limits live in :mod:`medxai.data.readers.limits`; raise them there for files you trust.
     """
 
 

@@ -1,18 +1,18 @@
-"""Data: sources that list and decode labelled images, and the splits they are trained and evaluated on."""
+"""Data: readers that decode files (image, DICOM, NIfTI, with size limits), sources that list and load labelled
+images, and the preprocessing, splits and checks between them and the model."""
 
-from medxai.data.sample import Sample
+from medxai.data.readers import is_hidden_or_system, probe_image, read_image, read_image_with_info
 from medxai.data.sources import (
     ImageFolderSource,
     ManifestSource,
     MedMNISTSource,
     Record,
+    Sample,
     Source,
-    is_hidden_or_system,
+    VolumeSliceSource,
     open_source,
-    read_image,
 )
-from medxai.data._nifti import VolumeSliceSource
-from medxai.data.splits import carve_splits, read_split_lists, resolve_splits, write_split_lists
+from medxai.data.splits import carve_splits, resolve_splits
 
 __all__ = [
     "Sample",
@@ -24,9 +24,9 @@ __all__ = [
     "ManifestSource",
     "VolumeSliceSource",
     "read_image",
+    "read_image_with_info",
+    "probe_image",
     "is_hidden_or_system",
     "carve_splits",
     "resolve_splits",
-    "write_split_lists",
-    "read_split_lists",
 ]

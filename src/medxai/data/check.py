@@ -46,8 +46,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medxai.data._image_io import probe_image
-from medxai.data._record import SPLIT_NAMES, Record, Source
+from medxai.config import DataConfig
+from medxai.data.readers import probe_image
+from medxai.data.sources.base import SPLIT_NAMES, Record, Source
 from medxai.errors import InvalidImageError
 
 __all__ = [
@@ -58,6 +59,7 @@ __all__ = [
     "near_duplicate_pairs",
     "leaked_ids",
     "check_data_table",
+    "interpretation_lines",
     "NEAR_DUPLICATE_BITS",
     "HASH_BITS",
     "HASH_METHOD",
@@ -66,8 +68,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Default largest Hamming distance (of 256 bits) between the pHashes of two near duplicates (see the module
-#: docstring for the measurements behind it).
-NEAR_DUPLICATE_BITS = 24
+#: docstring for the measurements behind it); the default itself lives in ``DataConfig.near_duplicate_bits``.
+NEAR_DUPLICATE_BITS = DataConfig().near_duplicate_bits
 
 #: Bits per perceptual hash.
 HASH_BITS = 256
@@ -202,6 +204,7 @@ def check_data(
     *,
     near_threshold: int = NEAR_DUPLICATE_BITS,
     patient_pattern: str | None = None,
+    split_folders: Mapping[str, str] | None = None,
     splits: Mapping[str, Sequence[Record]] | None = None,
 ) -> dict[str, Any]:
     """Decode every image of a dataset and report counts, unreadable files and duplicates within and across splits.
@@ -212,6 +215,7 @@ def check_data(
         near_threshold: largest pHash Hamming distance (of 256 bits) counted as a near duplicate; negative disables
             near-duplicate search.
         patient_pattern: passed to :func:`~medxai.data.open_source` for folders and manifests.
+        split_folders: passed to :func:`~medxai.data.open_source` for folders (see ``data.split_folders``).
         splits: the records of each split; default: the source's official splits, or everything as ``"all"``.
 
     Returns:
@@ -224,7 +228,10 @@ def check_data(
     from medxai.data.sources import open_source
 
     started = time.perf_counter()
-    source = data if not isinstance(data, (str, Path)) else open_source(data, patient_pattern=patient_pattern)
+    if isinstance(data, (str, Path)):
+        source = open_source(data, patient_pattern=patient_pattern, split_folders=split_folders)
+    else:
+        source = data
     split_records = _split_records(source, splits)
     items: list[_Item] = []
     hashes: list[str] = []
@@ -347,6 +354,7 @@ def _report(
             splits[split]["unlabelled"] = counts[None]
     return {
         "source": source.description,
+        "layout": dict(getattr(source, "layout", {}) or {}),
         "fingerprint": source.fingerprint(),
         "label_names": names,
         "splits": splits,
@@ -495,6 +503,22 @@ def _log_summary(result: Mapping[str, Any]) -> None:
         counts["cross_split_pairs"],
         result["seconds"],
     )
+
+
+def interpretation_lines(result: Mapping[str, Any]) -> list[str]:
+    """How the data was read, in words, for the first lines of ``medxai check-data``: where the splits came from and
+    which classes were found (a wrongly read layout is the first thing to rule out)."""
+    layout = result.get("layout") or {}
+    lines = [f"{result['source']}: read as {layout.get('kind', 'a data source')}"
+             + (f" (chosen by {layout['chosen_by']})" if layout.get("chosen_by") else "")]
+    splits = layout.get("splits") or {}
+    if splits:
+        lines.append("splits: " + ", ".join(f"{split} <- {where}" for split, where in splits.items()))
+    else:
+        lines.append("splits: none in the data (training carves val, and test when asked, stratified by class)")
+    classes = layout.get("classes") or result.get("label_names") or []
+    lines.append(f"classes ({len(classes)}): " + ", ".join(str(name) for name in classes))
+    return lines
 
 
 def check_data_table(result: Mapping[str, Any], listed: int = 20) -> list[Any]:

@@ -1,4 +1,6 @@
-"""Train / validation / test splits: use the data's own, carve the missing ones, write and read them as id lists.
+"""Train / validation / test splits: use the data's own, replace a too-small val split, carve the missing ones.
+
+The run folder keeps them as id lists (:mod:`medxai.run_folder`).
 
 Carving is stratified by label and grouped by patient: all images of one patient land in the same split, because a
 model that has seen a patient's other images scores higher than it deserves on that patient.
@@ -9,13 +11,13 @@ from __future__ import annotations
 import logging
 import random
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
-from medxai.data._record import SPLIT_NAMES, Record, Source
+from medxai.data.sources.base import SPLIT_NAMES, Record, Source
 from medxai.errors import ConfigError, DataError
 
-__all__ = ["carve_splits", "resolve_splits", "write_split_lists", "read_split_lists"]
+__all__ = ["carve_splits", "plan_splits", "resolve_splits", "SplitPlan"]
 
 logger = logging.getLogger(__name__)
 
@@ -93,46 +95,97 @@ def carve_splits(
     return result
 
 
-def resolve_splits(
+@dataclass
+class SplitPlan:
+    """The splits to train and evaluate on, and how each came about.
+
+    Attributes:
+        splits: ``{"train": [...], "val": [...], "test": [...]}`` (the splits that exist, in that order), labelled
+            records only.
+        origins: split -> how it was made, in words (``"official"``, ``"carved from the official train split"``...).
+        notes: what a reader of the model card and report must know (a tiny official val split replaced...).
+        unlabelled: records without a label, left out of every split (a manifest row with an empty label).
+    """
+
+    splits: dict[str, list[Record]]
+    origins: dict[str, str]
+    notes: list[str] = field(default_factory=list)
+    unlabelled: list[Record] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, object]:
+        """What the model card's ``train_data["splits"]`` records."""
+        return {
+            "counts": {split: len(records) for split, records in self.splits.items()},
+            "origins": dict(self.origins),
+            "notes": list(self.notes),
+            "unlabelled_left_out": len(self.unlabelled),
+        }
+
+
+def plan_splits(
     source: Source,
     *,
     val_fraction: float = 0.1,
     test_fraction: float = 0.0,
     seed: int = 0,
-) -> dict[str, list[Record]]:
+    min_val_size: int = 100,
+) -> SplitPlan:
     """The splits to train and evaluate on: the source's official ones, completed by carving.
 
-    - Official splits are used as given (``val_fraction`` is ignored when the source has a val split).
+    - Official splits are used as given (``val_fraction`` is ignored when the source has a usable val split).
+    - An official val split smaller than ``min_val_size`` or than 5% of train is too small to choose the best epoch,
+      the temperature and the threshold on (the Kaggle chest X-ray set ships 16 images in ``val/``): its images join
+      train and val is carved from the result instead, with a WARNING and a note.
     - Without an official val split, val is carved out of train (``val_fraction`` of train, per class).
     - Without an official test split and with ``test_fraction > 0``, test is carved out of train as well.
     - Without any official split, everything is carved with :func:`carve_splits`.
+    - Records without a label are left out of every split (``unlabelled``), with a WARNING.
 
     Args:
         source: the data source.
-        val_fraction: see above.
-        test_fraction: see above.
-        seed: seed for carving.
-
-    Returns:
-        ``{"train": ..., "val": ..., "test": ...}`` with the splits that exist, in that order.
+        val_fraction, test_fraction, seed: see :func:`carve_splits`.
+        min_val_size: the smallest official val split used as it is.
 
     Raises:
         DataError: the source has official splits but no train split.
-        ConfigError: invalid fractions.
+        ConfigError: invalid fractions or a negative ``min_val_size``.
     """
     _check_fractions(val_fraction, test_fraction)
+    if min_val_size < 0:
+        raise ConfigError(f"data.min_val_size must be >= 0, not {min_val_size}")
     official = source.official_splits()
+    unlabelled = [record for record in source.records() if record.label is None]
+    if unlabelled:
+        logger.warning("%s: %d record(s) without a label are left out of training and evaluation",
+                       source.description, len(unlabelled))
+
+    def labelled(records: Sequence[Record]) -> list[Record]:
+        return [record for record in records if record.label is not None]
+
     if not official:
         logger.info("%s has no official splits: carving all records", source.description)
-        return carve_splits(source.records(), val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+        carved = carve_splits(labelled(source.records()), val_fraction=val_fraction, test_fraction=test_fraction,
+                              seed=seed)
+        origins = {split: "carved (stratified, grouped by patient)" for split in carved}
+        return SplitPlan(carved, origins, unlabelled=unlabelled)
     if "train" not in official:
         raise DataError(f"{source.description} has official splits {official} but no train split")
 
-    splits = {split: source.records(split) for split in official}
-    carve_val = "val" not in official and val_fraction > 0
-    carve_test = "test" not in official and test_fraction > 0
-    if "val" in official and val_fraction > 0:
-        logger.info("%s: using its official val split (val_fraction ignored)", source.description)
+    splits = {split: labelled(source.records(split)) for split in official}
+    origins = {split: "official" for split in splits}
+    notes: list[str] = []
+    if "val" in splits and val_fraction > 0 and _too_small(splits["val"], splits["train"], min_val_size):
+        note = (
+            f"the official val split has only {len(splits['val'])} images (fewer than data.min_val_size = "
+            f"{min_val_size} or 5% of train's {len(splits['train'])}); they joined train and val was carved from it "
+            f"(val_fraction {val_fraction}, stratified, grouped by patient)"
+        )
+        logger.warning("%s: %s", source.description, note)
+        notes.append(note)
+        splits["train"] = splits["train"] + splits.pop("val")
+        origins.pop("val")
+    carve_val = "val" not in splits and val_fraction > 0
+    carve_test = "test" not in splits and test_fraction > 0
     if carve_val or carve_test:
         carved = carve_splits(
             splits["train"],
@@ -140,72 +193,33 @@ def resolve_splits(
             test_fraction=test_fraction if carve_test else 0.0,
             seed=seed,
         )
-        logger.info(
-            "%s: official splits %s; carved %s out of the official train split",
-            source.description,
-            official,
-            " and ".join(split for split in ("val", "test") if split in carved),
-        )
+        made = [split for split in ("val", "test") if split in carved]
+        logger.info("%s: official splits %s; carved %s out of the train split", source.description, official,
+                    " and ".join(made))
         splits.update(carved)
+        origins.update({split: "carved from the train split (stratified, grouped by patient)" for split in made})
     else:
         logger.info("%s: using its official splits %s", source.description, official)
     _log_patients_shared_between_splits(source.description, splits)
-    return {split: splits[split] for split in SPLIT_NAMES if split in splits}
+    ordered = {split: splits[split] for split in SPLIT_NAMES if split in splits}
+    return SplitPlan(ordered, {split: origins[split] for split in ordered}, notes, unlabelled)
 
 
-def write_split_lists(splits: Mapping[str, Sequence[Record | str]], folder: str | Path) -> None:
-    """Write ``train.txt``, ``val.txt``, ``test.txt`` (one record id per line) for the splits present.
-
-    List files of the three names whose split is absent are removed, so an old ``test.txt`` cannot be read back as
-    if it belonged to these splits.
-
-    Args:
-        splits: split name -> records (or ids).
-        folder: the folder to write into (created if needed), normally ``runs/<name>/splits``.
-
-    Raises:
-        DataError: a split name other than train, val, test, or an id containing a line break.
-    """
-    unknown = sorted(set(splits) - set(SPLIT_NAMES))
-    if unknown:
-        raise DataError(f"unknown split name(s) {unknown}; expected train, val, test")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for split in SPLIT_NAMES:
-        list_path = folder / f"{split}.txt"
-        if split not in splits:
-            list_path.unlink(missing_ok=True)
-            continue
-        ids = [item.id if isinstance(item, Record) else str(item) for item in splits[split]]
-        bad_ids = [record_id for record_id in ids if "\n" in record_id or "\r" in record_id]
-        if bad_ids:
-            raise DataError(f"ids with line breaks cannot be written to {list_path}: {bad_ids[:3]!r}")
-        list_path.write_text("".join(f"{record_id}\n" for record_id in ids), encoding="utf-8")
-    logger.info("wrote split lists to %s", folder)
+def resolve_splits(
+    source: Source,
+    *,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.0,
+    seed: int = 0,
+    min_val_size: int = 100,
+) -> dict[str, list[Record]]:
+    """The splits of :func:`plan_splits`, without the account of how they were made."""
+    return plan_splits(source, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
+                       min_val_size=min_val_size).splits
 
 
-def read_split_lists(folder: str | Path) -> dict[str, list[str]]:
-    """Read the lists that :func:`write_split_lists` wrote.
-
-    Args:
-        folder: the folder holding ``train.txt``, ``val.txt``, ``test.txt``.
-
-    Returns:
-        split name -> ids in file order, for the files present (blank lines ignored; spaces in ids kept).
-
-    Raises:
-        DataError: the folder holds none of the three files.
-    """
-    folder = Path(folder)
-    result: dict[str, list[str]] = {}
-    for split in SPLIT_NAMES:
-        list_path = folder / f"{split}.txt"
-        if list_path.is_file():
-            lines = list_path.read_text(encoding="utf-8").splitlines()
-            result[split] = [line for line in lines if line.strip()]
-    if not result:
-        raise DataError(f"no split lists (train.txt, val.txt, test.txt) in {folder}")
-    return result
+def _too_small(val: Sequence[Record], train: Sequence[Record], min_val_size: int) -> bool:
+    return len(val) < min_val_size or len(val) < 0.05 * len(train)
 
 
 # -- carving machinery ---------------------------------------------------------------------------------------------
@@ -306,12 +320,12 @@ def _log_patients_shared_between_splits(description: str, splits: dict[str, list
         for record in members:
             if record.patient_id is not None:
                 splits_of_patient[record.patient_id].add(split)
-    shared = sorted(patient for patient, names in splits_of_patient.items() if len(names) > 1)
+    shared = sum(1 for names in splits_of_patient.values() if len(names) > 1)
     if shared:
         # Carving never separates a patient, so these come from the source's own splits, which are kept as published.
+        # Only the count is logged: patient ids are identifiers.
         logger.info(
-            "%s: %d patient ids occur in more than one split (e.g. %s); the source's official splits are kept as given",
+            "%s: %d patient(s) have images in more than one split; the source's official splits are kept as given",
             description,
-            len(shared),
-            ", ".join(shared[:3]),
+            shared,
         )

@@ -162,7 +162,9 @@ def roc_auc(y_true_binary: ArrayLike, scores: ArrayLike) -> float:
         )
         return math.nan
     false_positive_rate, true_positive_rate, _ = roc_curve(labels, scores_array)
-    return float(np.trapezoid(true_positive_rate, false_positive_rate))
+    # The trapezoid rule written out: np.trapezoid is NumPy 2 only, and numpy>=1.24 is supported.
+    widths = np.diff(false_positive_rate)
+    return float(np.sum(widths * (true_positive_rate[1:] + true_positive_rate[:-1]) / 2.0))
 
 
 def precision_recall_curve(

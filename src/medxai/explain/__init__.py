@@ -19,6 +19,8 @@ from medxai.explain.score_cam import ScoreCAM
 from medxai.explain.targets import (
     BinaryLogitTarget,
     ClassTarget,
+    DecisionTarget,
+    LogOddsTarget,
     PredictedClassTarget,
     SoftmaxProbabilityTarget,
     Target,
@@ -39,6 +41,8 @@ __all__ = [
     "Target",
     "ClassTarget",
     "PredictedClassTarget",
+    "LogOddsTarget",
+    "DecisionTarget",
     "BinaryLogitTarget",
     "SoftmaxProbabilityTarget",
     "overlay_heatmap",

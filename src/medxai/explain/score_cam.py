@@ -35,7 +35,6 @@ from torch import Tensor, nn
 
 from medxai.errors import ConfigError
 from medxai.explain.base import BaseCAM, CAMContext, _as_logits, weighted_channel_sum
-from medxai.explain.targets import ClassTarget, PredictedClassTarget
 
 __all__ = ["ScoreCAM"]
 
@@ -117,7 +116,7 @@ class ScoreCAM(BaseCAM):
 
 
 def _fixed_target(target: Callable[[Tensor], Tensor], classes: Tensor) -> Callable[[Tensor], Tensor]:
-    """The predicted-class target, frozen to the classes of the unmasked forward; any other target as it is."""
-    if isinstance(target, PredictedClassTarget):
-        return ClassTarget(classes)
-    return target
+    """A target that picks its class from the logits, frozen to the classes of the unmasked forward
+    (:meth:`~medxai.explain.targets.Target.frozen`); any other target as it is."""
+    frozen = getattr(target, "frozen", None)
+    return frozen(classes) if callable(frozen) else target

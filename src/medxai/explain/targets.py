@@ -24,6 +24,8 @@ __all__ = [
     "Target",
     "ClassTarget",
     "PredictedClassTarget",
+    "LogOddsTarget",
+    "DecisionTarget",
     "BinaryLogitTarget",
     "SoftmaxProbabilityTarget",
     "TargetLike",
@@ -53,6 +55,15 @@ class Target:
     def classes(self, logits: Tensor) -> Tensor:
         """The class each score stands for, ``(B,)`` long, on ``logits.device``."""
         raise NotImplementedError
+
+    def frozen(self, classes: Tensor) -> Target:
+        """The same score with the classes fixed to ``classes`` (those of the unmasked forward pass).
+
+        Gradient-free methods (Score-CAM) score masked copies of the input; a target that chooses its class from
+        the logits it sees must keep the class of the original prediction there. Targets whose class is given
+        already return themselves.
+        """
+        return self
 
 
 def _class_indices(classes: int | list[int], logits: Tensor) -> Tensor:
@@ -139,8 +150,77 @@ class PredictedClassTarget(Target):
             return (logits[:, 0] > 0).long()
         return logits.argmax(dim=1)
 
+    def frozen(self, classes: Tensor) -> Target:
+        return ClassTarget(classes)
+
     def __repr__(self) -> str:
         return "PredictedClassTarget()"
+
+
+class LogOddsTarget(Target):
+    """The log-odds of a class: for a two-logit binary model ``z_c - z_other``, the logit of ``p_c / (1 - p_c)``.
+
+    For a binary task this is the quantity the decision is made on: the class reported is the one whose
+    probability passes the threshold, and ``log(p / (1 - p)) = z_c - z_other`` for a softmax over two logits (a
+    temperature divides it by a positive constant, which min-max normalised maps ignore). Its gradient is the
+    evidence FOR the class minus the evidence for the other one, so the two classes' maps are mirror images before
+    the ReLU, where the plain logit ``z_c`` of :class:`ClassTarget` would also credit evidence shared by both
+    logits. With one logit (sigmoid) the log-odds is the logit itself, signed as in :class:`BinaryLogitTarget`;
+    with more than two classes it is the class logit, as in Grad-CAM (Selvaraju et al. 2017) and
+    pytorch-grad-cam's ``ClassifierOutputTarget``.
+
+    Args:
+        classes: one class index for every sample, or one per sample.
+    """
+
+    def __init__(self, classes: int | Sequence[int] | Tensor) -> None:
+        self._classes = _as_class_list(classes)
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        return _log_odds(self.classes(logits), logits)
+
+    def classes(self, logits: Tensor) -> Tensor:
+        return _class_indices(self._classes, logits)
+
+    def __repr__(self) -> str:
+        return f"LogOddsTarget({self._classes})"
+
+
+class DecisionTarget(Target):
+    """The log-odds (:class:`LogOddsTarget`) of the class a decision rule reports for each sample.
+
+    The rule sees the detached logits of the same forward pass and returns a class per sample: argmax, or a
+    calibrated probability against an operating threshold (``Classifier.decide``). The heatmap then explains the
+    label the user is shown, not the most probable class, which differs whenever the threshold is not 0.5.
+
+    Args:
+        decide: ``logits (B, K) -> classes (B,)`` long.
+        name: how the rule is described in ``repr``.
+    """
+
+    def __init__(self, decide: Callable[[Tensor], Tensor], name: str = "decision rule") -> None:
+        self.decide = decide
+        self.name = name
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        return _log_odds(self.classes(logits), logits)
+
+    def classes(self, logits: Tensor) -> Tensor:
+        return self.decide(logits.detach().float()).to(device=logits.device, dtype=torch.long)
+
+    def frozen(self, classes: Tensor) -> Target:
+        return LogOddsTarget(classes)
+
+    def __repr__(self) -> str:
+        return f"DecisionTarget({self.name})"
+
+
+def _log_odds(indices: Tensor, logits: Tensor) -> Tensor:
+    if logits.shape[1] == 2:
+        chosen = logits.gather(1, indices[:, None]).squeeze(1)
+        other = logits.gather(1, (1 - indices)[:, None]).squeeze(1)
+        return chosen - other
+    return _class_scores(indices, logits)
 
 
 class BinaryLogitTarget(Target):

@@ -5,7 +5,7 @@ Where the weights come from, in order:
 1. the ``weights`` path given by the user (``--weights PATH``): a ``.safetensors`` file, or a torchvision ``.pth``
    state dict read with ``torch.load(weights_only=True)``;
 2. torchvision's download cache, ``torch.hub.get_dir()/checkpoints/<file name of the Weights enum's url>``;
-3. a download by torchvision, unless the environment variable ``MEDXAI_OFFLINE`` is set (to anything but ``0``).
+3. a download by torchvision, unless the environment variable ``MEDXAI_OFFLINE`` is set (see :func:`medxai.config.is_offline`).
 
 A failure at every step raises :class:`~medxai.errors.ModelError` saying which file is expected where; random
 weights are never substituted silently.
@@ -20,7 +20,6 @@ from __future__ import annotations
 import http.client
 import logging
 import math
-import os
 import pickle
 import re
 from collections.abc import Mapping
@@ -33,14 +32,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from medxai.config import OFFLINE_ENV, is_offline
 from medxai.errors import ModelError
 from medxai.models._registry import ModelSpec
 
-__all__ = ["load_pretrained", "adapt_stem_kernel", "read_state_dict", "OFFLINE_ENV"]
+__all__ = ["load_pretrained", "adapt_stem_kernel", "read_state_dict"]
 
 logger = logging.getLogger(__name__)
 
-OFFLINE_ENV = "MEDXAI_OFFLINE"
 
 # torchvision's DenseNet checkpoints predate the ban on '.' in module names: 'denselayer1.norm.1.weight' is
 # 'denselayer1.norm1.weight' today. torchvision.models.densenet._load_state_dict's pattern, plus num_batches_tracked.
@@ -141,10 +140,6 @@ def _box_resampling_matrix(source: int, target: int) -> torch.Tensor:
     return (high - low).clamp(min=0) * source
 
 
-def _offline() -> bool:
-    return os.environ.get(OFFLINE_ENV, "").strip() not in ("", "0")
-
-
 def _source_state_dict(spec: ModelSpec) -> tuple[dict[str, torch.Tensor], str]:
     """Resolve ``spec.pretrained_source`` (``"torchvision:<WeightsEnum>.<MEMBER>"``) from the cache or a download."""
     scheme, _, enum_name = spec.pretrained_source.partition(":")
@@ -164,7 +159,7 @@ def _source_state_dict(spec: ModelSpec) -> tuple[dict[str, torch.Tensor], str]:
             "(weights=PATH in Python) pointing to a .safetensors or torchvision .pth state dict"
         )
 
-    if _offline():
+    if is_offline():
         raise missing(f"{OFFLINE_ENV} is set, so nothing is downloaded")
     logger.info("downloading %s ImageNet weights from %s", spec.name, url)
     try:

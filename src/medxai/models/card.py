@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
-from medxai.errors import CheckpointError
+from medxai.config import PreprocessConfig, build_config
+from medxai.errors import CheckpointError, ConfigError
 
-__all__ = ["ModelCard", "MODEL_CARD_FILE"]
-
-MODEL_CARD_FILE = "model_card.json"
+__all__ = ["ModelCard"]
 
 DEFAULT_INTENDED_USE = (
     "Research and education: studying image classification and its explanations on medical images. "
@@ -36,14 +34,16 @@ def _version() -> str:
 
 @dataclass
 class ModelCard:
-    """What travels with a checkpoint (see DESIGN.md, "The model card")."""
+    """What travels with a checkpoint (the contract: ``docs/run-folder.md``, "The model card").
+
+    The input side and channel count are the preprocessing's (``preprocess.size``, ``preprocess.channels``), stored
+    once; :attr:`input_size` and :attr:`in_chans` read them.
+    """
 
     architecture: str
     num_classes: int
-    in_chans: int
-    input_size: int
     label_names: list[str]
-    preprocess: dict[str, Any]
+    preprocess: PreprocessConfig
     cam_layer: str
     classifier: str = ""
     dropout: float = 0.0
@@ -57,10 +57,27 @@ class ModelCard:
     medxai_version: str = field(default_factory=_version)
 
     def __post_init__(self) -> None:
+        if isinstance(self.preprocess, dict):  # the JSON form, as a convenience for callers building a card
+            try:
+                self.preprocess = build_config(PreprocessConfig, self.preprocess, "model card preprocess")
+            except ConfigError as error:
+                raise CheckpointError(str(error)) from None
         if len(self.label_names) != self.num_classes:
             raise CheckpointError(
                 f"model card lists {len(self.label_names)} label names for {self.num_classes} classes"
             )
+        if self.positive_label is not None and self.positive_label not in self.label_names:
+            raise CheckpointError(f"model card's positive label {self.positive_label!r} is not among {self.label_names}")
+
+    @property
+    def input_size(self) -> int:
+        """Side of the square model input, pixels (``preprocess.size``)."""
+        return self.preprocess.size
+
+    @property
+    def in_chans(self) -> int:
+        """Input channels of the model (``preprocess.channels``)."""
+        return self.preprocess.channels
 
     @property
     def is_binary(self) -> bool:
@@ -68,31 +85,26 @@ class ModelCard:
 
     @property
     def positive_index(self) -> int:
+        """Index of the positive label of a binary task (1 when the card names none)."""
         return self.label_names.index(self.positive_label) if self.positive_label in self.label_names else 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(self.to_json())
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelCard:
+        """Build a card from its JSON form; cards of medxai 0.1 (``input_size``/``in_chans`` beside ``preprocess``)
+        are read too, as long as the duplicated values agree."""
         known = {item.name for item in fields(cls)}
-        required = {"architecture", "num_classes", "in_chans", "input_size", "label_names", "preprocess", "cam_layer"}
+        required = {"architecture", "num_classes", "label_names", "preprocess", "cam_layer"}
         absent = sorted(required - set(values))
         if absent:
             raise CheckpointError(f"model card lacks {absent}")
-        return cls(**{key: value for key, value in values.items() if key in known})
-
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(self.to_json())
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> ModelCard:
-        path = Path(path)
-        if not path.is_file():
-            raise CheckpointError(f"{path}: no model card here; is this a medxai run folder?")
-        try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except json.JSONDecodeError as error:
-            raise CheckpointError(f"{path}: not valid JSON ({error})") from None
+        card = cls(**{key: value for key, value in values.items() if key in known})
+        for old_key, value in (("input_size", card.input_size), ("in_chans", card.in_chans)):
+            if old_key in values and values[old_key] != value:
+                raise CheckpointError(f"model card's {old_key} {values[old_key]} disagrees with its preprocessing ({value})")
+        return card

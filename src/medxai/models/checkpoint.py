@@ -110,13 +110,17 @@ def _check_state_matches(model: torch.nn.Module, state: dict[str, torch.Tensor],
 
 
 def save_training_state(
-    folder: str | Path,
+    tensors_path: str | Path,
+    json_path: str | Path,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     bookkeeping: dict[str, Any],
 ) -> None:
-    """Everything ``--resume`` needs beyond the weights: optimiser, scheduler, RNG states, bookkeeping (JSON-able)."""
-    folder = Path(folder)
+    """Everything ``--resume`` needs beyond the weights: optimiser, scheduler, RNG states, bookkeeping (JSON-able).
+
+    Tensors go to ``tensors_path`` (safetensors), the rest to ``json_path``; both are written atomically.
+    """
+    tensors_path, json_path = Path(tensors_path), Path(json_path)
     tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         for index, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
@@ -135,22 +139,23 @@ def save_training_state(
         "scheduler": scheduler.state_dict(),
         **bookkeeping,
     }
-    _atomic_save(tensors, folder / "state.safetensors")
-    temporary = folder / "state.json.tmp"
+    _atomic_save(tensors, tensors_path)
+    temporary = json_path.with_name(json_path.name + ".tmp")
     temporary.write_text(json.dumps(document, indent=1))
-    os.replace(temporary, folder / "state.json")
+    os.replace(temporary, json_path)
 
 
 def load_training_state(
-    folder: str | Path,
+    tensors_path: str | Path,
+    json_path: str | Path,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
 ) -> dict[str, Any]:
     """Restore optimiser, scheduler and RNG states saved by :func:`save_training_state`; return the bookkeeping."""
-    folder = Path(folder)
-    tensor_path, json_path = folder / "state.safetensors", folder / "state.json"
+    tensor_path, json_path = Path(tensors_path), Path(json_path)
     if not (tensor_path.is_file() and json_path.is_file()):
-        raise CheckpointError(f"{folder}: no training state to resume from (state.json / state.safetensors)")
+        raise CheckpointError(f"{tensor_path.parent}: no training state to resume from ({json_path.name} / "
+                              f"{tensor_path.name})")
     tensors = load_file(str(tensor_path))
     document = json.loads(json_path.read_text())
     state: dict[int, dict[str, Any]] = {}

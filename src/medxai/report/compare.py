@@ -7,7 +7,6 @@ not a paired test: the runs are evaluated on the same images, which a paired boo
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,28 +14,46 @@ from typing import Any
 from rich.table import Table
 
 from medxai.errors import CheckpointError
+from medxai.run_folder import EvaluationFolder, RunFolder
 
 __all__ = ["compare_runs", "comparison_table", "COMPARED_METRICS"]
 
 COMPARED_METRICS = ("accuracy", "auc", "sensitivity", "specificity", "precision", "f1", "balanced_accuracy")
 
 
-def compare_runs(run_dirs: Sequence[str | Path], *, split: str | None = None) -> list[dict[str, Any]]:
-    """One row per run: model, data, split and metrics with intervals, read from the run folders.
+def compare_runs(
+    run_dirs: Sequence[str | Path], *, split: str | None = None, evaluations: bool = False
+) -> list[dict[str, Any]]:
+    """One row per run or evaluation: model, data, split and metrics with intervals, read from their folders.
+
+    An evaluation folder (``RUN/evaluations/<name>``, written by ``medxai evaluate``) is a row of its own, with the
+    model of its run and the data it was evaluated on, marked ``external`` or ``internal``.
 
     Args:
-        run_dirs: run folders written by ``medxai train`` / ``demo``.
-        split: the split to compare; None takes ``test`` where a run has it, else ``val``.
+        run_dirs: run folders written by ``medxai train`` / ``demo``, or evaluation folders.
+        split: the split to compare for runs; None takes ``test`` where a run has it, else ``val``. An evaluation
+            always shows the split it evaluated.
+        evaluations: also a row for every evaluation of each run given.
 
     Returns:
-        Rows ``{"run", "path", "model", "data", "split", "n", "metrics": {name: {"value", "ci95"}},
+        Rows ``{"run", "path", "kind", "model", "data", "split", "n", "metrics": {name: {"value", "ci95"}},
         "at_threshold": {...same for sensitivity/specificity/accuracy, or None}, "threshold", "ece", "brier",
-        "temperature"}``, in the order given.
+        "temperature"}``, in the order given (a run's evaluations right after it).
 
     Raises:
         CheckpointError: for a folder without ``metrics.json``, or without the requested split.
     """
-    return [_row(Path(run_dir), split) for run_dir in run_dirs]
+    rows = []
+    for run_dir in run_dirs:
+        path = Path(run_dir)
+        if EvaluationFolder(path).info_path.is_file():
+            rows.append(_evaluation_row(EvaluationFolder(path)))
+            continue
+        run = RunFolder(path)
+        rows.append(_row(run, split))
+        if evaluations:
+            rows.extend(_evaluation_row(folder) for folder in run.evaluations())
+    return rows
 
 
 def comparison_table(rows: Sequence[dict[str, Any]], *, title: str = "runs compared") -> Table:
@@ -47,7 +64,7 @@ def comparison_table(rows: Sequence[dict[str, Any]], *, title: str = "runs compa
     names = [row["run"] for row in rows]
     for row in rows:  # run folders of the same name (runs/a/demo, runs/b/demo) are told apart by their path
         table.add_column(row["run"] if names.count(row["run"]) == 1 else row["path"], justify="right", overflow="fold")
-    for label, key in (("model", "model"), ("data", "data"), ("split", "split"), ("n", "n")):
+    for label, key in (("kind", "kind"), ("model", "model"), ("data", "data"), ("split", "split"), ("n", "n")):
         table.add_row(label, *(str(row[key]) for row in rows))
     for metric in COMPARED_METRICS:
         table.add_row(metric.replace("_", " "), *(_format(row["metrics"][metric]) for row in rows))
@@ -67,28 +84,43 @@ def comparison_table(rows: Sequence[dict[str, Any]], *, title: str = "runs compa
     return table
 
 
-def _row(run_dir: Path, split: str | None) -> dict[str, Any]:
-    metrics_path = run_dir / "metrics.json"
-    if not metrics_path.is_file():
-        raise CheckpointError(f"{run_dir}: no metrics.json; is this a trained medxai run folder?")
-    try:
-        metrics = json.loads(metrics_path.read_text())
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{metrics_path}: not valid JSON ({error})") from None
-    card_path = run_dir / "model_card.json"
-    card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+def _row(run: RunFolder, split: str | None) -> dict[str, Any]:
+    if not run.metrics_path.is_file():
+        raise CheckpointError(f"{run.path}: no metrics.json; is this a trained medxai run folder?")
+    metrics = run.read_metrics()
+    card = run.read_card().to_dict() if run.card_path.is_file() else {}
     chosen = split or ("test" if "test" in metrics else "val")
     if chosen not in metrics:
-        raise CheckpointError(f"{run_dir}: metrics.json has no '{chosen}' split (it has {sorted(metrics)})")
-    entry = metrics[chosen]
+        raise CheckpointError(f"{run.path}: metrics.json has no '{chosen}' split (it has {sorted(metrics)})")
+    data = (card.get("train_data") or {}).get("source", "?")
+    return _metrics_row(run.path.name, run.path, "run", card, data, chosen, metrics[chosen])
+
+
+def _evaluation_row(folder: EvaluationFolder) -> dict[str, Any]:
+    """The row of an evaluation folder; its run (two levels up) gives the model card."""
+    info = folder.read_info()
+    run = RunFolder(folder.path.parent.parent)
+    card = run.read_card().to_dict() if run.card_path.is_file() else {}
+    metrics = folder.read_metrics()
+    chosen = info.get("split")
+    if chosen not in metrics:
+        raise CheckpointError(f"{folder.path}: no metrics for its split {chosen!r} (an explain-eval only folder?)")
+    name = f"{run.path.name}/{folder.name}"
+    return _metrics_row(name, folder.path, info.get("kind", "external"), card, info.get("data", "?"), chosen,
+                        metrics[chosen])
+
+
+def _metrics_row(name: str, path: Path, kind: str, card: dict[str, Any], data: str, split: str,
+                 entry: dict[str, Any]) -> dict[str, Any]:
     at = entry.get("at_threshold")
     calibration = entry.get("calibration") or {}
     return {
-        "run": run_dir.name,
-        "path": str(run_dir),
+        "run": name,
+        "path": str(path),
+        "kind": kind,
         "model": card.get("architecture", "?"),
-        "data": (card.get("train_data") or {}).get("source", "?"),
-        "split": chosen,
+        "data": data,
+        "split": split,
         "n": entry.get("n"),
         "metrics": {metric: _value(entry, metric) for metric in COMPARED_METRICS},
         "at_threshold": {metric: _value(at, metric) for metric in ("accuracy", "sensitivity", "specificity")}

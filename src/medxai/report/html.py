@@ -1,9 +1,10 @@
 """``report.html``: one self-contained page that shows what a run is worth, readable in any browser, offline.
 
-:func:`build_report` reads only what the run folder holds (DESIGN.md, "The run folder"): ``config.yaml``,
-``model_card.json``, ``data_check.json``, ``metrics.json``, ``history.csv``, ``figures/*.png``, ``heatmaps/`` (with
-``gallery.json`` when written) and ``explain_metrics.json`` when explanation quality was measured. Whatever is
-missing is said so in its section rather than failing, so a partial run still gets a report.
+:func:`build_report` reads only what the run folder holds, through :class:`~medxai.run_folder.RunFolder` (the
+contract: ``docs/run-folder.md``): configuration, model card, data check, metrics, history, figures, heatmaps and
+gallery, explanation quality when measured, and every evaluation on other data (``evaluations/<name>/``), which gets
+a section of its own beside, never inside, the run's own metrics. Whatever is missing is said so in its section
+rather than failing, so a partial run still gets a report.
 
 The page carries everything inside it: images are base64 ``data:`` URIs, styles are inline, there is no script, no
 web font and no link to anything outside the file, so it can be mailed, archived or opened on a machine without
@@ -11,13 +12,13 @@ network. Big images are scaled down (and, when a PNG stays large, re-encoded as 
 whole page is kept under ``max_bytes`` (5 MB by default) by shrinking images further when needed.
 
 Sections (each an HTML ``<section>`` with a stable ``id``): ``data``, ``config``, ``metrics``, ``per-class``,
-``curves``, ``confusion``, ``roc-pr``, ``calibration``, ``gallery``, ``explanations``, ``model-card``.
+``curves``, ``confusion``, ``roc-pr``, ``calibration``, ``evaluations``, ``gallery``, ``explanations``,
+``model-card``.
 """
 
 from __future__ import annotations
 
 import base64
-import csv
 import datetime as _datetime
 import html
 import io
@@ -29,13 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medxai.errors import CheckpointError
+from medxai.errors import CheckpointError, ConfigError
+from medxai.run_folder import FIGURE_KINDS, REPORT_FILE, TRAINING_CURVES, EvaluationFolder, RunFolder, safe_file_stem
 
 __all__ = ["build_report", "REPORT_FILE", "SECTION_IDS", "DEFAULT_MAX_BYTES"]
 
 logger = logging.getLogger(__name__)
 
-REPORT_FILE = "report.html"
 DEFAULT_MAX_BYTES = 5_000_000
 SECTION_IDS = (
     "data",
@@ -46,6 +47,7 @@ SECTION_IDS = (
     "confusion",
     "roc-pr",
     "calibration",
+    "evaluations",
     "gallery",
     "explanations",
     "model-card",
@@ -66,7 +68,7 @@ _TABLE_METRICS = (
 )
 _PER_CLASS_METRICS = (("precision", "Precision"), ("recall", "Recall"), ("f1", "F1"),
                       ("specificity", "Specificity"), ("auc", "AUC (one-vs-rest)"))
-_CLAIMED_FIGURES = re.compile(r"^(training_curves|confusion_matrix_.*|roc_.*|precision_recall_.*|reliability_.*)\.png$")
+_CLAIMED_FIGURES = re.compile(rf"^({TRAINING_CURVES}|{'|'.join(f'{kind}_.*' for kind in FIGURE_KINDS)})\.png$")
 _EXPLAIN_FIGURE_HINTS = ("explain", "deletion", "insertion", "road", "sanity", "faithful")
 _OUTCOME_TITLES = {
     "true_positive": "True positives",
@@ -82,14 +84,16 @@ _IMAGE_BUDGETS = ((1100, 320, 250_000), (900, 256, 150_000), (700, 192, 80_000),
 class _RunFiles:
     """Everything the report reads, loaded once."""
 
+    run: RunFolder
     run_dir: Path
     config_text: str | None
     card: dict[str, Any] | None
     data_check: dict[str, Any] | None
     metrics: dict[str, Any]
-    history: list[dict[str, str]]
+    history: list[dict[str, float]]
     gallery: dict[str, Any] | None
     explain_metrics: list[tuple[Path, dict[str, Any]]]
+    evaluations: list[tuple[EvaluationFolder, dict[str, Any], dict[str, Any]]]  # (folder, info, metrics)
 
 
 def build_report(
@@ -109,13 +113,14 @@ def build_report(
     Raises:
         CheckpointError: if ``run_dir`` is not a run folder (no ``model_card.json`` and no ``metrics.json``).
     """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise CheckpointError(f"{run_dir}: run folder not found")
-    if not (run_dir / "model_card.json").is_file() and not (run_dir / "metrics.json").is_file():
-        raise CheckpointError(f"{run_dir}: neither model_card.json nor metrics.json here; is this a medxai run folder?")
-    files = _read_run(run_dir)
-    out_path = Path(out) if out else run_dir / REPORT_FILE
+    run = RunFolder(run_dir)
+    if not run.path.is_dir():
+        raise CheckpointError(f"{run.path}: run folder not found")
+    if not run.card_path.is_file() and not run.metrics_path.is_file():
+        raise CheckpointError(f"{run.path}: neither {run.card_path.name} nor {run.metrics_path.name} here; is this a "
+                              "medxai run folder?")
+    files = _read_run(run)
+    out_path = Path(out) if out else run.report_path
     page = ""
     for figure_side, gallery_side, jpeg_above in _IMAGE_BUDGETS:
         images = _ImageEncoder(figure_side, gallery_side, jpeg_above)
@@ -132,37 +137,51 @@ def build_report(
 
 
 # -- reading -------------------------------------------------------------------------------------------------------
-def _read_run(run_dir: Path) -> _RunFiles:
-    config_path = run_dir / "config.yaml"
-    history: list[dict[str, str]] = []
-    if (run_dir / "history.csv").is_file():
-        with (run_dir / "history.csv").open(newline="") as handle:
-            history = list(csv.DictReader(handle))
+def _read_run(run: RunFolder) -> _RunFiles:
     explain = []
-    for path in sorted(run_dir.glob("explain_metrics.json")) + sorted(run_dir.glob("*/explain_metrics.json")):
-        document = _read_json(path)
+    for folder in [run, *run.evaluations()]:
+        document = _tolerant(folder.read_explain_metrics, folder.explain_metrics_path)
         if isinstance(document, dict):
-            explain.append((path, document))
-    metrics = _read_json(run_dir / "metrics.json")
+            explain.append((folder.explain_metrics_path, document))
+    evaluations = []
+    for folder in run.evaluations():
+        info, metrics = _tolerant(folder.read_info, folder.info_path), _tolerant(folder.read_metrics, folder.metrics_path)
+        if isinstance(info, dict):
+            evaluations.append((folder, info, metrics if isinstance(metrics, dict) else {}))
+    card = _tolerant(run.read_card, run.card_path)
+    metrics = _tolerant(run.read_metrics, run.metrics_path)
     return _RunFiles(
-        run_dir=run_dir,
-        config_text=config_path.read_text(encoding="utf-8", errors="replace") if config_path.is_file() else None,
-        card=_read_json(run_dir / "model_card.json"),
-        data_check=_read_json(run_dir / "data_check.json"),
+        run=run,
+        run_dir=run.path,
+        config_text=run.config_path.read_text(encoding="utf-8", errors="replace") if run.config_path.is_file() else None,
+        card=card.to_dict() if card is not None else _read_json(run.card_path),
+        data_check=_tolerant(run.read_data_check, run.data_check_path),
         metrics=metrics if isinstance(metrics, dict) else {},
-        history=history,
-        gallery=_read_json(run_dir / "heatmaps" / "gallery.json"),
+        history=_tolerant(run.read_history, run.history_path) or [],
+        gallery=_tolerant(run.read_gallery, run.gallery_path),
         explain_metrics=explain,
+        evaluations=evaluations,
     )
 
 
+def _tolerant(read: Callable[[], Any], path: Path) -> Any:
+    """What ``read`` returns, or None (with a warning) when the file is damaged: one bad file must not cost the
+    whole report."""
+    try:
+        return read()
+    except (CheckpointError, ConfigError, OSError, ValueError, KeyError) as error:
+        if path.exists():
+            logger.warning("report: cannot read %s (%s); its section says so", path, error)
+        return None
+
+
 def _read_json(path: Path) -> Any:
+    """A damaged or old model card, shown as far as it goes."""
     if not path.is_file():
         return None
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
-        logger.warning("report: cannot read %s (%s); its section says so", path, error)
+    except (OSError, json.JSONDecodeError):
         return None
 
 
@@ -232,6 +251,7 @@ def _render_page(files: _RunFiles, images: _ImageEncoder) -> str:
         ("confusion", "Confusion matrices", _confusion_section),
         ("roc-pr", "ROC and precision-recall curves", _roc_pr_section),
         ("calibration", "Calibration", _calibration_section),
+        ("evaluations", "Evaluations on other data", _evaluations_section),
         ("gallery", "Grad-CAM gallery", _gallery_section),
         ("explanations", "Explanation quality", _explanations_section),
         ("model-card", "Model card", _model_card_section),
@@ -293,11 +313,12 @@ def _data_section(files: _RunFiles, images: _ImageEncoder) -> str:
             rows.append([split, *(_count(per_class.get(label)) for label in names), _count(summary.get("n"))])
         rows.append(["all", *(_count(totals[label]) for label in names), _count(sum(totals.values()))])
         parts.append(_table(["split", *names, "total"], rows, caption="Images per split and class", cls="metrics"))
+    parts.append(_splits_account(files))
     parts.append(_data_check_result(check))
     duplicates = check.get("duplicates")
     if isinstance(duplicates, dict) and isinstance(duplicates.get("counts"), dict):
         parts.append(_duplicates_block(duplicates, check.get("dropped_from_test")))
-    known = {"source", "fingerprint", "label_names", "splits", "unreadable", "source_skipped"}
+    known = {"source", "fingerprint", "label_names", "splits", "unreadable", "source_skipped", "layout"}
     if isinstance(duplicates, dict) and isinstance(duplicates.get("counts"), dict):
         known |= {"duplicates", "dropped_from_test"}
     # Whatever else the data check reports (sizes, modes, timings, later additions): short values in one table,
@@ -313,6 +334,26 @@ def _data_section(files: _RunFiles, images: _ImageEncoder) -> str:
     if other_rows:
         parts.append(_table(["check", "result"], other_rows, caption="Other findings of the data check"))
     return "\n".join(parts)
+
+
+def _splits_account(files: _RunFiles) -> str:
+    """How the data was read and how each split came about (the model card's ``train_data``), with any note."""
+    train_data = (files.card or {}).get("train_data") or {}
+    layout = train_data.get("layout") or (files.data_check or {}).get("layout") or {}
+    splits = train_data.get("splits") or {}
+    parts = []
+    if layout:
+        where = ", ".join(f"{split} from {place}" for split, place in (layout.get("splits") or {}).items())
+        parts.append(f"<p>Read as {_e(str(layout.get('kind', '?')))}" + (f" ({_e(where)})" if where else "") + ".</p>")
+    origins = splits.get("origins") or {}
+    if origins:
+        parts.append("<p>Splits: " + "; ".join(f"{_e(split)}: {_e(origin)}" for split, origin in origins.items())
+                     + ".</p>")
+    for note in splits.get("notes") or []:
+        parts.append(f'<p class="attention">Note: {_e(note)}.</p>')
+    if splits.get("unlabelled_left_out"):
+        parts.append(f"<p>{_count(splits['unlabelled_left_out'])} unlabelled record(s) were left out.</p>")
+    return "".join(parts)
 
 
 def _duplicates_block(duplicates: Mapping[str, Any], dropped: Any) -> str:
@@ -491,7 +532,7 @@ def _curves_section(files: _RunFiles, images: _ImageEncoder) -> str:
                      f"{_number(_float(best.get('val_score')), 4)} at epoch {best_epoch} (that checkpoint is the "
                      f"model). Last epoch: training loss {_number(_float(last.get('train_loss')), 4)}, validation "
                      f"loss {_number(_float(last.get('val_loss')), 4)}.</p>")
-    parts.append(_figure(files.run_dir / "figures" / "training_curves.png", images,
+    parts.append(_figure(files.run.figure_path(TRAINING_CURVES), images,
                          "Accuracy and loss per epoch, training (augmented) against validation."))
     return "\n".join(parts)
 
@@ -500,9 +541,9 @@ def _confusion_section(files: _RunFiles, images: _ImageEncoder) -> str:
     parts = []
     names = (files.card or {}).get("label_names") or []
     argmax = "the argmax (0.5)" if len(names) == 2 else "the argmax"
-    for split in _splits(files.metrics) or _figure_splits(files.run_dir, "confusion_matrix"):
+    for split in _splits(files.metrics) or files.run.figure_splits("confusion_matrix"):
         parts.append('<div class="row">')
-        parts.append(_figure(files.run_dir / "figures" / f"confusion_matrix_{split}.png", images,
+        parts.append(_figure(files.run.figure_path("confusion_matrix", split), images,
                              f"{split}: at {argmax}. Rows: true class; columns: predicted class."))
         at = (files.metrics.get(split) or {}).get("at_threshold")
         if isinstance(at, dict) and at.get("confusion_matrix") and names:
@@ -517,10 +558,10 @@ def _confusion_section(files: _RunFiles, images: _ImageEncoder) -> str:
 
 def _roc_pr_section(files: _RunFiles, images: _ImageEncoder) -> str:
     parts = []
-    for split in _splits(files.metrics) or _figure_splits(files.run_dir, "roc"):
+    for split in _splits(files.metrics) or files.run.figure_splits("roc"):
         parts.append('<div class="row">')
-        parts.append(_figure(files.run_dir / "figures" / f"roc_{split}.png", images, f"ROC curve, {split}"))
-        parts.append(_figure(files.run_dir / "figures" / f"precision_recall_{split}.png", images,
+        parts.append(_figure(files.run.figure_path("roc", split), images, f"ROC curve, {split}"))
+        parts.append(_figure(files.run.figure_path("precision_recall", split), images,
                              f"Precision-recall curve, {split}"))
         parts.append("</div>")
     return "\n".join(parts) or _note("No curves in this run folder.")
@@ -561,8 +602,8 @@ def _calibration_section(files: _RunFiles, images: _ImageEncoder) -> str:
             "log-likelihood, not the ECE). One temperature corrects over- or under-confidence; it cannot correct "
             "probabilities shifted towards one class (e.g. by a class-weighted loss, or a test prevalence unlike "
             "the validation one): look at the reliability diagram for a curve off the diagonal on one side."))
-    figures = [_figure(files.run_dir / "figures" / f"reliability_{split}.png", images, f"Reliability diagram, {split}")
-               for split in (_splits(files.metrics) or _figure_splits(files.run_dir, "reliability"))]
+    figures = [_figure(files.run.figure_path("reliability", split), images, f"Reliability diagram, {split}")
+               for split in (_splits(files.metrics) or files.run.figure_splits("reliability"))]
     if figures:
         parts.append('<div class="row">' + "".join(figures) + "</div>")
     return "\n".join(parts) or _note("No calibration results in this run folder.")
@@ -575,8 +616,41 @@ def _rose(entry: Mapping[str, Any], key: str) -> bool:
     return isinstance(after, (int, float)) and isinstance(before, (int, float)) and after > before + 1e-12
 
 
+_EVALUATION_METRICS = (("accuracy", "Accuracy"), ("auc", "AUC"), ("sensitivity", "Sensitivity"),
+                       ("specificity", "Specificity"), ("balanced_accuracy", "Balanced acc."))
+
+
+def _evaluations_section(files: _RunFiles, images: _ImageEncoder) -> str:
+    if not files.evaluations:
+        return _note("No evaluations beyond the run's own splits. <code>medxai evaluate RUN --data OTHER --split "
+                     "all</code> measures the model on another hospital's data; results go to "
+                     "<code>evaluations/&lt;name&gt;/</code>, never into the run's own metrics.")
+    rows, figures = [], []
+    for folder, info, metrics in files.evaluations:
+        split = info.get("split")
+        entry = metrics.get(split) if isinstance(metrics.get(split), dict) else {}
+        kind = "external" if info.get("kind") == "external" else "internal (the run's own data)"
+        rows.append([_e(folder.name), _e(kind), f"<code>{_e(str(info.get('data', '?')))}</code>",
+                     _e(str(info.get("selection", split))), _count(entry.get("n")),
+                     *(_with_interval(entry, key) for key, _ in _EVALUATION_METRICS),
+                     _with_interval(entry.get("calibration") or {}, "ece")])
+        for kind_of_figure, caption in (("roc", "ROC"), ("reliability", "Reliability")):
+            path = folder.figure_path(kind_of_figure, split) if split else None
+            if path is not None and path.is_file():
+                figures.append(_figure(path, images, f"{caption}, evaluation {folder.name}"))
+    text = ("<p>The same model on data it was not trained on: the honest answer to \"will it work on our "
+            "patients?\". A drop against the run's own test split measures the shift between the datasets "
+            "(scanners, populations, preprocessing); the operating threshold and temperature are the run's, "
+            "chosen on its own validation split.</p>")
+    text += _table(["evaluation", "kind", "data", "images", "n", *(title for _, title in _EVALUATION_METRICS),
+                    "ECE"], rows, cls="metrics", raw=True, caption="Evaluations (value and 95% CI)")
+    if figures:
+        text += '<div class="row">' + "".join(figures) + "</div>"
+    return text
+
+
 def _gallery_section(files: _RunFiles, images: _ImageEncoder) -> str:
-    heatmaps = files.run_dir / "heatmaps"
+    heatmaps = files.run.heatmaps_dir
     items = _gallery_items(files, heatmaps)
     if not items:
         return _note("No heatmaps in this run folder.")
@@ -623,8 +697,8 @@ def _gallery_items(files: _RunFiles, heatmaps: Path) -> list[dict[str, Any]]:
         return [item for item in files.gallery["items"]
                 if isinstance(item, dict) and (heatmaps / str(item.get("file", ""))).is_file()]
     labels = (files.card or {}).get("label_names") or []
-    # Outcome prefixes of workflow.write_gallery's file names, longest first so "missed_a_b" beats "missed_a".
-    prefixes = sorted([*_OUTCOME_TITLES, *(f"{kind}_{_safe_name(str(label))}" for label in labels
+    # Outcome prefixes of jobs.gallery.write_gallery's file names, longest first so "missed_a_b" beats "missed_a".
+    prefixes = sorted([*_OUTCOME_TITLES, *(f"{kind}_{safe_file_stem(str(label))}" for label in labels
                                            for kind in ("correct", "missed"))], key=len, reverse=True)
     items = []
     for path in sorted(heatmaps.glob("*.png")) if heatmaps.is_dir() else []:
@@ -636,11 +710,6 @@ def _gallery_items(files: _RunFiles, heatmaps: Path) -> list[dict[str, Any]]:
     return items
 
 
-def _safe_name(text: str) -> str:
-    """The file-name form of a label used by ``workflow.write_gallery``."""
-    return "".join(char if char.isalnum() or char in "-_." else "_" for char in text).strip("_")[:80]
-
-
 def _explanations_section(files: _RunFiles, images: _ImageEncoder) -> str:
     parts = []
     for path, document in files.explain_metrics:
@@ -648,7 +717,7 @@ def _explanations_section(files: _RunFiles, images: _ImageEncoder) -> str:
         if path.parent != files.run_dir:
             for figure in sorted(path.parent.glob("*.png")):
                 parts.append(_figure(figure, images, figure.stem.replace("_", " ")))
-    figures_dir = files.run_dir / "figures"
+    figures_dir = files.run.figures_dir
     extra = [path for path in sorted(figures_dir.glob("*.png")) if not _CLAIMED_FIGURES.match(path.name)]
     for path in extra:
         parts.append(_figure(path, images, path.stem.replace("_", " ")))
@@ -729,7 +798,9 @@ def _model_card_section(files: _RunFiles, images: _ImageEncoder) -> str:
                              "triage or treatment decisions."),
         ("Training data", f"{_e(str(train_data.get('source', '?')))}"
                           + (f" (fingerprint <code>{_e(str(train_data['fingerprint'])[:16])}</code>)"
-                             if train_data.get("fingerprint") else "")),
+                             if train_data.get("fingerprint") else "")
+                          + "".join(f"; <strong>note:</strong> {_e(note)}"
+                                    for note in (train_data.get("splits") or {}).get("notes") or [])),
         ("Preprocessing", preprocessing),
         ("Decision rule", rule),
         ("Calibration", f"temperature {_number(card.get('temperature'), 3)} (fitted on validation)"),
@@ -746,10 +817,6 @@ def _splits(metrics: Mapping[str, Any]) -> list[str]:
     order = {"train": 0, "val": 1, "test": 2}
     return sorted((name for name, entry in metrics.items() if isinstance(entry, dict)),
                   key=lambda name: (order.get(name, 3), name))
-
-
-def _figure_splits(run_dir: Path, prefix: str) -> list[str]:
-    return sorted(path.stem[len(prefix) + 1:] for path in (run_dir / "figures").glob(f"{prefix}_*.png"))
 
 
 def _figure(path: Path, images: _ImageEncoder, caption: str) -> str:

@@ -1,7 +1,7 @@
 """Training: optimiser, schedule, epochs, checkpoints, early stopping and exact resume."""
 
 from medxai.train._device import autocast_context, resolve_device
-from medxai.train.fit import FitResult, fit, read_history, write_history
+from medxai.train.fit import FitResult, fit
 from medxai.train.loop import BatchContext, model_input, predict_split
 
 __all__ = [
@@ -12,6 +12,4 @@ __all__ = [
     "model_input",
     "resolve_device",
     "autocast_context",
-    "read_history",
-    "write_history",
 ]

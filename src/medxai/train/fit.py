@@ -7,13 +7,11 @@ uninterrupted run would be (on the same device and software).
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -23,13 +21,13 @@ from medxai.data.prepared import PreparedSplit
 from medxai.errors import ConfigError
 from medxai.models.card import ModelCard
 from medxai.models.checkpoint import load_training_state, load_weights, save_training_state, save_weights
+from medxai.run_folder import RunFolder
 from medxai.train.loop import BatchContext, mean_loss_and_accuracy, predict_split, train_one_epoch
 
-__all__ = ["fit", "FitResult", "ScoreFunction", "HISTORY_FIELDS", "write_history", "read_history"]
+__all__ = ["fit", "FitResult", "ScoreFunction"]
 
 logger = logging.getLogger(__name__)
 
-HISTORY_FIELDS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_score", "lr", "seconds"]
 ScoreFunction = Callable[[torch.Tensor, torch.Tensor], float]  # (val logits, val labels) -> higher is better
 EpochCallback = Callable[[int, dict], None]
 
@@ -86,18 +84,6 @@ def build_loss(config: TrainConfig, train: PreparedSplit, num_classes: int, devi
     return torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
 
 
-def write_history(history: Sequence[dict], path: Path) -> None:
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=HISTORY_FIELDS)
-        writer.writeheader()
-        writer.writerows(history)
-
-
-def read_history(path: str | Path) -> list[dict]:
-    with Path(path).open(newline="") as handle:
-        return [{key: float(value) for key, value in row.items()} for row in csv.DictReader(handle)]
-
-
 def fit(
     model: torch.nn.Module,
     train: PreparedSplit,
@@ -107,7 +93,7 @@ def fit(
     augmenter: BatchAugmenter,
     config: TrainConfig,
     card: ModelCard,
-    run_dir: str | Path,
+    run: RunFolder,
     score_fn: ScoreFunction,
     resume: bool = False,
     callbacks: Sequence[EpochCallback] = (),
@@ -117,9 +103,7 @@ def fit(
     Writes ``checkpoints/last.safetensors`` and the training state every epoch, ``checkpoints/best.safetensors``
     when the score improves, and ``history.csv``. ``callbacks(epoch, row)`` run after each epoch's checkpoint.
     """
-    run_dir = Path(run_dir)
-    checkpoints = run_dir / "checkpoints"
-    checkpoints.mkdir(parents=True, exist_ok=True)
+    run.checkpoints_dir.mkdir(parents=True, exist_ok=True)
     model.to(context.device)
     if context.channels_last and context.device.type == "cuda":
         model.to(memory_format=torch.channels_last)
@@ -131,9 +115,9 @@ def fit(
         "epoch": 0, "history": [], "best_score": -math.inf, "best_val_loss": math.inf, "best_epoch": 0, "stale_epochs": 0,
     }
     if resume:
-        resumed, _ = load_weights(checkpoints / "last.safetensors", card)
+        resumed, _ = load_weights(run.weights_path("last"), card)
         model.load_state_dict(resumed.state_dict())
-        state.update(load_training_state(checkpoints, optimizer, scheduler))
+        state.update(load_training_state(run.state_tensors_path, run.state_json_path, optimizer, scheduler))
         logger.info("resumed after epoch %d (best %.4f at epoch %d)", state["epoch"], state["best_score"], state["best_epoch"])
     else:
         torch.manual_seed(config.seed)
@@ -165,13 +149,13 @@ def fit(
         )
         if improved:
             state.update(best_score=score, best_val_loss=row["val_loss"], best_epoch=epoch, stale_epochs=0)
-            save_weights(model, card, checkpoints / "best.safetensors")
+            save_weights(model, card, run.weights_path("best"))
         else:
             state["stale_epochs"] += 1
         state["epoch"] = epoch
-        save_weights(model, card, checkpoints / "last.safetensors")
-        save_training_state(checkpoints, optimizer, scheduler, state)
-        write_history(state["history"], run_dir / "history.csv")
+        save_weights(model, card, run.weights_path("last"))
+        save_training_state(run.state_tensors_path, run.state_json_path, optimizer, scheduler, state)
+        run.write_history(state["history"])
         logger.info(
             "epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f score %.4f%s  (%.1fs)",
             epoch, config.epochs, row["train_loss"], row["train_accuracy"], row["val_loss"],
@@ -183,6 +167,6 @@ def fit(
             logger.info("early stop: no improvement for %d epochs", config.patience)
             stopped_early = True
             break
-    best, _ = load_weights(checkpoints / "best.safetensors", card)
+    best, _ = load_weights(run.weights_path("best"), card)
     model.load_state_dict(best.state_dict())
     return FitResult(model, state["history"], state["best_epoch"], state["best_score"], stopped_early)

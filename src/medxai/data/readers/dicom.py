@@ -22,7 +22,7 @@ than 8 bits). A multi-frame object gives one frame: the middle one by default (`
 
 Rejected with :class:`~medxai.errors.UnsupportedDicomError`: objects without pixel data (structured reports,
 waveforms, presentation states, DICOMDIRs...), segmentations, unsupported photometric interpretations. Sizes are checked
-against :mod:`medxai.data._limits` before anything is decoded, including the size a JPEG or JPEG 2000 codestream claims.
+against :mod:`medxai.data.readers.limits` before anything is decoded, including the size a JPEG or JPEG 2000 codestream claims.
 
 No patient data leaves this module: the info dict holds only technical facts (modality, photometric interpretation,
 transfer syntax, frame, window), pydicom's warnings (which may quote element values) are swallowed and only counted,
@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from medxai.data._limits import check_image_size, check_volume_size
+from medxai.data.readers.limits import check_image_size, check_volume_size
 from medxai.errors import ConfigError, InvalidImageError, UnsupportedDicomError
 
 __all__ = [

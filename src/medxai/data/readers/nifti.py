@@ -11,16 +11,15 @@ to the closest of Right, Anterior, Superior; no resampling), then sliced:
 ``read_image`` on a NIfTI file gives the MIDDLE axial slice of the first volume (a 4D file's volume 0) in the data's
 own dtype, after the header's ``scl_slope``/``scl_inter`` scaling (then float32). Non-finite voxels (NaN outside the
 brain in statistical maps) become the slice's smallest finite value, because no later stage can use NaN.
-:class:`VolumeSliceSource` makes every slice of a set of volumes a sample of its own.
+:class:`medxai.data.sources.VolumeSliceSource` makes every slice of a set of volumes a sample of its own.
 
-The header is checked against :mod:`medxai.data._limits` before any voxel is read, and no more bytes than the header
+The header is checked against :mod:`medxai.data.readers.limits` before any voxel is read, and no more bytes than the header
 announces are ever inflated from a ``.gz`` file.
 """
 
 from __future__ import annotations
 
 import gzip
-import hashlib
 import logging
 import os
 import struct
@@ -30,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from medxai.data import _limits
-from medxai.data._limits import check_image_size, check_volume_size
+from medxai.data.readers import limits as _limits
+from medxai.data.readers.limits import check_image_size, check_volume_size
 from medxai.errors import ConfigError, ImageTooLargeError, InvalidImageError
 
 __all__ = [
@@ -42,7 +41,9 @@ __all__ = [
     "read_nifti_volume",
     "probe_nifti",
     "volume_slice",
-    "VolumeSliceSource",
+    "native_slice",
+    "is_gzip_file",
+    "read_prefix",
 ]
 
 logger = logging.getLogger(__name__)
@@ -106,10 +107,10 @@ def read_nifti_volume(path: str | Path, *, compressed: bool) -> tuple[np.ndarray
     """
     import nibabel as nib
 
-    head = _read_prefix(path, HEADER_PEEK_BYTES, compressed)
+    head = read_prefix(path, HEADER_PEEK_BYTES, compressed)
     shape, _, voxel_offset, bits_per_voxel = _parse_header(path, head)
     expected = voxel_offset + int(np.prod(shape, dtype=np.int64)) * max(bits_per_voxel, 8) // 8
-    content = _read_prefix(path, expected, compressed)
+    content = read_prefix(path, expected, compressed)
     if len(content) < expected:
         raise InvalidImageError(path, f"truncated NIfTI file: {len(content)} of {expected} bytes")
     image_class = nib.Nifti2Image if _header_layout(head) == 2 else nib.Nifti1Image
@@ -194,7 +195,7 @@ def read_nifti(
         plane = volume_slice(data, axis, position, volume)
     except IndexError as error:
         raise InvalidImageError(path, str(error)) from None
-    plane = _native_slice(path, plane)
+    plane = native_slice(path, plane)
     check_image_size(path, plane.shape[1], plane.shape[0])
     info.update(
         mode=str(plane.dtype),
@@ -206,106 +207,13 @@ def read_nifti(
     return plane, info
 
 
-class VolumeSliceSource:
-    """Every slice of NIfTI volumes (or every frame of multi-frame DICOM files) as a sample of its own.
-
-    Wraps a file source that lists volumes (an :class:`~medxai.data.sources.ImageFolderSource` of ``.nii.gz``
-    files in class folders, or a manifest) and lists one record per slice along ``axis``, with id
-    ``"<volume id>#<axis><index>"``. Each slice inherits its volume's label and split, and its patient id is the
-    volume's (or the volume id): carved splits never put slices of one volume on both sides. A file that cannot be
-    read while counting its slices is listed in :attr:`skipped`. The last volume read is kept in memory, so loading
-    the slices of one volume in order reads it once.
-
-    Args:
-        volumes: the source listing the volume files.
-        axis: ``"axial"``, ``"coronal"`` or ``"sagittal"`` for NIfTI; multi-frame DICOM files give their frames.
-    """
-
-    def __init__(self, volumes: Any, *, axis: str = "axial") -> None:
-        if axis not in AXES:
-            raise ConfigError(f"NIfTI axis must be one of {AXES}, got {axis!r}")
-        from medxai.data._record import Record
-
-        self.volumes = volumes
-        self.axis = axis
-        self.label_names = list(volumes.label_names)
-        self.description = f"{axis} slices of {volumes.description}"
-        self.skipped: list[tuple[str, str]] = list(volumes.skipped)
-        self._cache: tuple[str, np.ndarray] | None = None
-        self._records = []
-        for record in volumes.records():
-            try:
-                count, kind = self._count(record.path)
-            except InvalidImageError as error:
-                self.skipped.append((error.path, error.reason))
-                continue
-            self._records.extend(
-                Record(
-                    id=f"{record.id}#{self.axis if kind == 'nifti' else 'frame'}{index:04d}",
-                    label=record.label,
-                    path=record.path,
-                    index=index,
-                    patient_id=record.patient_id or record.id,
-                    split=record.split,
-                )
-                for index in range(count)
-            )
-        logger.info("%s: %d slices", self.description, len(self._records))
-
-    def official_splits(self) -> list[str]:
-        return self.volumes.official_splits()
-
-    def records(self, split: str | None = None) -> list[Any]:
-        from medxai.data._record import check_split_request
-
-        check_split_request(split, self.official_splits(), self.description)
-        return [record for record in self._records if split is None or record.split == split]
-
-    def load(self, record: Any) -> Any:
-        """Decode one slice; raises :class:`~medxai.errors.InvalidImageError` for an unreadable volume."""
-        from medxai.data._image_io import read_image_with_info
-        from medxai.data.sample import Sample
-
-        if self._kind(record.path) == "nifti":
-            if self._cache is None or self._cache[0] != record.path:
-                volume, _ = read_nifti_volume(record.path, compressed=_is_gzip(record.path))
-                self._cache = (record.path, volume)
-            plane = _native_slice(record.path, volume_slice(self._cache[1], self.axis, record.index))
-            info = {"format": "NIfTI", "axis": self.axis, "slice": record.index}
-        else:
-            plane, info = read_image_with_info(record.path, frame=record.index)
-        return Sample(image=plane, label=record.label, id=record.id, meta={"path": record.path, **info})
-
-    def fingerprint(self) -> str:
-        digest = hashlib.sha256(f"{self.volumes.fingerprint()}|{self.axis}|{len(self._records)}".encode())
-        return f"sha256:{digest.hexdigest()}"
-
-    def __len__(self) -> int:
-        return len(self._records)
-
-    def _kind(self, path: str) -> str:
-        head = _read_prefix(path, HEADER_PEEK_BYTES, _is_gzip(path))
-        return "nifti" if looks_like_nifti(head) else "other"
-
-    def _count(self, path: str | None) -> tuple[int, str]:
-        if path is None:
-            raise InvalidImageError("<record>", "record has no file path")
-        from medxai.data._image_io import probe_image
-
-        info = probe_image(path)
-        if info["format"] == "NIfTI":
-            shape = info["shape"] + [1] * (3 - len(info["shape"]))
-            return int(shape[AXES.index(self.axis)]), "nifti"
-        return int(info.get("frames", 1)), "other"
-
-
 # -- machinery ---------------------------------------------------------------------------------------------------
-def _is_gzip(path: str | Path) -> bool:
+def is_gzip_file(path: str | Path) -> bool:
     with open(path, "rb") as handle:
         return handle.read(2) == b"\x1f\x8b"
 
 
-def _read_prefix(path: str | Path, size: int, compressed: bool) -> bytes:
+def read_prefix(path: str | Path, size: int, compressed: bool) -> bytes:
     """At most ``size`` bytes from the start of the (inflated) content: never more, whatever the file holds."""
     try:
         if compressed:
@@ -353,7 +261,7 @@ def _parse_header(path: str | Path, head: bytes) -> tuple[tuple[int, ...], int, 
     if voxel_offset + data_bytes > _max_decompressed_bytes():
         raise ImageTooLargeError(
             path,
-            f"NIfTI data of {data_bytes} bytes exceeds medxai.data._limits.MAX_DECOMPRESSED_BYTES = "
+            f"NIfTI data of {data_bytes} bytes exceeds medxai.data.readers.limits.MAX_DECOMPRESSED_BYTES = "
             f"{_max_decompressed_bytes()}; raise that limit if you trust this file",
         )
     return shape, int(datatype), voxel_offset, int(bits)
@@ -375,7 +283,7 @@ def _to_ras(path: str | Path, array: np.ndarray, affine: np.ndarray | None) -> t
     return orientations.apply_orientation(array, transform), codes
 
 
-def _native_slice(path: str | Path, plane: np.ndarray) -> np.ndarray:
+def native_slice(path: str | Path, plane: np.ndarray) -> np.ndarray:
     if not plane.dtype.isnative:  # big-endian files: torch and most code want native byte order
         plane = plane.astype(plane.dtype.newbyteorder("="))
     if plane.dtype == bool:

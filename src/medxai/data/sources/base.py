@@ -1,4 +1,5 @@
-"""What every data source shares: the :class:`Record` it lists, the :class:`Source` protocol, split names."""
+"""What every data source shares: the :class:`Sample` it yields, the :class:`Record` it lists, the :class:`Source`
+protocol, and split names."""
 
 from __future__ import annotations
 
@@ -7,14 +8,17 @@ import logging
 import os
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 from typing import Protocol, runtime_checkable
 
-from medxai.data._image_io import read_image_with_info
-from medxai.data.sample import Sample
+import numpy as np
+
+from medxai.data.readers import read_image_with_info
 from medxai.errors import ConfigError, DataError, InvalidImageError
 
 __all__ = [
+    "Sample",
     "Record",
     "Source",
     "SPLIT_NAMES",
@@ -32,14 +36,30 @@ logger = logging.getLogger(__name__)
 #: The canonical split names, in the order they are reported and written.
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
 
-# Spellings found in the wild for the same three splits (compared after lower-casing).
+# Spellings found in the wild for the same three splits, compared after lower-casing and turning spaces and hyphens
+# into underscores ("Training", "Train Set", "test-set", "Hold-out").
 _SPLIT_ALIASES = {
-    "train": "train",
-    "val": "val",
-    "valid": "val",
-    "validation": "val",
-    "test": "test",
+    **dict.fromkeys(("train", "training", "train_set", "trainset", "training_set"), "train"),
+    **dict.fromkeys(("val", "valid", "validation", "dev", "val_set", "valset", "validation_set"), "val"),
+    **dict.fromkeys(("test", "testing", "test_set", "testset", "holdout", "hold_out"), "test"),
 }
+
+
+@dataclass
+class Sample:
+    """One labelled image as a source yields it, before any preprocessing.
+
+    Attributes:
+        image: (H, W) or (H, W, C) array in its native dtype and range (uint8, uint16, float).
+        label: class index, or None when unknown (prediction on unlabelled files).
+        id: stable identifier: a path relative to the dataset root, or ``subset/split/index`` for arrays.
+        meta: small dict of non-identifying facts (source path, original size, mode); never patient data.
+    """
+
+    image: np.ndarray
+    label: int | None
+    id: str
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -76,12 +96,16 @@ class Source(Protocol):
             ``"medmnist pneumoniamnist"``.
         label_names: class names; a record's label indexes this list.
         skipped: ``(path, reason)`` for each entry rejected while listing (hidden or system files, files outside
-            any class folder). Files that fail to decode are not here: ``load`` raises for those.
+            any class folder, named pipes, sockets, broken or looping links). Files that fail to decode are not here:
+            ``load`` raises for those.
+        layout: how the data was read, for people and the data check: ``{"kind": ..., "splits": {split: where},
+            "classes": [...], ...}`` (``medxai check-data`` prints it first).
     """
 
     description: str
     label_names: list[str]
     skipped: list[tuple[str, str]]
+    layout: dict[str, Any]
 
     def official_splits(self) -> list[str]:
         """The splits the data itself provides, a subset of ``["train", "val", "test"]`` in that order."""
@@ -101,7 +125,8 @@ class Source(Protocol):
 
 
 def canonical_split_name(name: str) -> str | None:
-    """Map a split folder or column value (``Train``, ``valid``, ``Validation``, ``TEST``...) to its canonical name.
+    """Map a split folder or column value to its canonical name, in any letter case: train / training / train_set,
+    val / valid / validation / dev, test / testing / test_set / holdout (spaces and hyphens read as underscores).
 
     Args:
         name: the name as written in the data.
@@ -109,7 +134,8 @@ def canonical_split_name(name: str) -> str | None:
     Returns:
         ``"train"``, ``"val"`` or ``"test"``, or None when the name is not a split name.
     """
-    return _SPLIT_ALIASES.get(name.strip().lower())
+    key = "_".join(name.strip().lower().replace("-", " ").split())
+    return _SPLIT_ALIASES.get(key)
 
 
 def check_split_request(split: str | None, official_splits: list[str], description: str) -> None:
@@ -203,16 +229,18 @@ def patient_id_from_file_name(regex: re.Pattern[str] | None, file_name: str) -> 
 
 
 def log_unmatched_patient_ids(regex: re.Pattern[str] | None, records: list[Record]) -> None:
-    """Warn once, with examples, about records whose file name the patient pattern did not match."""
+    """Warn once about records whose file name the patient pattern did not match.
+
+    The file names themselves are not logged: where a pattern finds patient ids in them, they are identifiers.
+    """
     if regex is None:
         return
-    unmatched = [record.id for record in records if record.patient_id is None]
+    unmatched = sum(1 for record in records if record.patient_id is None)
     if unmatched:
         logger.warning(
-            "patient_pattern %r matched no patient id in %d of %d file names (e.g. %s); "
-            "each of those files counts as its own patient",
+            "patient_pattern %r matched no patient id in %d of %d file names; each of those files counts as its own "
+            "patient",
             regex.pattern,
-            len(unmatched),
+            unmatched,
             len(records),
-            ", ".join(unmatched[:3]),
         )

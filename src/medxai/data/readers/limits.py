@@ -10,7 +10,7 @@ The limits are module attributes, read at each check, so they can be changed at 
 
     from PIL import Image
     Image.MAX_IMAGE_PIXELS = 200_000_000        # one 2D image (also Pillow's own limit)
-    medxai.data._limits.MAX_VOLUME_VOXELS = 2**30  # a whole volume or multi-frame object
+    medxai.data.readers.limits.MAX_VOLUME_VOXELS = 2**30  # a whole volume or multi-frame object
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def check_volume_size(path: str | Path, shape: Sequence[int]) -> None:
         raise ImageTooLargeError(
             path,
             f"volume too large, possible decompression bomb: {'x'.join(map(str, dims))} = {voxels} voxels exceeds "
-            f"medxai.data._limits.MAX_VOLUME_VOXELS = {MAX_VOLUME_VOXELS}; raise that limit if you trust this file",
+            f"medxai.data.readers.limits.MAX_VOLUME_VOXELS = {MAX_VOLUME_VOXELS}; raise that limit if you trust this file",
         )
 
 
@@ -124,6 +124,6 @@ def read_gzip_limited(path: str | Path, limit: int | None = None) -> bytes:
         raise ImageTooLargeError(
             path,
             f"gzip content inflates past {limit} bytes (possible decompression bomb); raise "
-            "medxai.data._limits.MAX_DECOMPRESSED_BYTES if you trust this file",
+            "medxai.data.readers.limits.MAX_DECOMPRESSED_BYTES if you trust this file",
         )
     return data

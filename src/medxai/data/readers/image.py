@@ -2,17 +2,17 @@
 
 Files are recognised by their content, never by their extension: real collections hold PNGs named ``.jpg``.
 
-1. gzip content (``.nii.gz``, ``.dcm.gz``) is looked into: NIfTI is read by :mod:`medxai.data._nifti`; DICOM is
+1. gzip content (``.nii.gz``, ``.dcm.gz``) is looked into: NIfTI is read by :mod:`medxai.data.readers.nifti`; DICOM is
    inflated (up to ``_limits.MAX_DECOMPRESSED_BYTES``) and read like a plain DICOM file, transparently; anything else
    is rejected.
 2. DICOM (``DICM`` at offset 128, or a data set starting directly with a group 0002/0008 element) goes to
-   :mod:`medxai.data._dicom`.
-3. NIfTI-1/NIfTI-2 single-file headers go to :mod:`medxai.data._nifti`.
+   :mod:`medxai.data.readers.dicom`.
+3. NIfTI-1/NIfTI-2 single-file headers go to :mod:`medxai.data.readers.nifti`.
 4. Everything else goes to Pillow.
 
 Every failure becomes an :class:`~medxai.errors.InvalidImageError` (or one of its subclasses
 :class:`~medxai.errors.UnsupportedDicomError` and :class:`~medxai.errors.ImageTooLargeError`) naming the file, so
-batch code can list it and carry on. Sizes are checked against :mod:`medxai.data._limits` before decoding.
+batch code can list it and carry on. Sizes are checked against :mod:`medxai.data.readers.limits` before decoding.
 """
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from medxai.data._dicom import looks_like_dicom, probe_dicom, read_dicom
-from medxai.data._limits import check_image_size, peek_gzip, read_gzip_limited
-from medxai.data._nifti import (
+from medxai.data.readers.dicom import looks_like_dicom, probe_dicom, read_dicom
+from medxai.data.readers.files import special_file_reason
+from medxai.data.readers.limits import check_image_size, peek_gzip, read_gzip_limited
+from medxai.data.readers.nifti import (
     HEADER_PEEK_BYTES,
     looks_like_nifti,
     looks_like_nifti_pair,
@@ -36,35 +37,13 @@ from medxai.data._nifti import (
 )
 from medxai.errors import ImageTooLargeError, InvalidImageError
 
-__all__ = ["read_image", "read_image_with_info", "probe_image", "is_hidden_or_system"]
+__all__ = ["read_image", "read_image_with_info", "probe_image"]
 
 logger = logging.getLogger(__name__)
-
-# Names that operating systems and archivers leave beside real files; never data.
-_SYSTEM_FILE_NAMES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini"})
-_SYSTEM_FOLDER_NAMES = frozenset({"__macosx"})
 
 _EXIF_ORIENTATION_TAG = 0x0112
 _UINT16_MAX = np.iinfo(np.uint16).max
 _HEAD_BYTES = max(HEADER_PEEK_BYTES, 1024)
-
-
-def is_hidden_or_system(path: str | Path) -> bool:
-    """Tell whether a file or folder name is hidden or operating-system clutter rather than data.
-
-    The rule looks at the last path component only: names starting with ``.`` (``.DS_Store``, ``._x.png``
-    AppleDouble files, ``.ipynb_checkpoints``), ``Thumbs.db``, ``ehthumbs.db``, ``desktop.ini`` and ``__MACOSX``
-    folders (compared case-insensitively, as the systems that write them do).
-
-    Args:
-        path: a file or folder path, or a bare name.
-
-    Returns:
-        True when the entry should be skipped.
-    """
-    name = Path(path).name
-    lowered = name.lower()
-    return name.startswith(".") or lowered in _SYSTEM_FILE_NAMES or lowered in _SYSTEM_FOLDER_NAMES
 
 
 def read_image(
@@ -81,12 +60,12 @@ def read_image(
     The format is recognised from the file's content, whatever its extension (see the module docstring). The whole
     image is decoded, so truncated or corrupt data is reported here rather than later.
 
-    **DICOM** (see :mod:`medxai.data._dicom`): one frame (the middle one of a multi-frame object unless ``frame``
+    **DICOM** (see :mod:`medxai.data.readers.dicom`): one frame (the middle one of a multi-frame object unless ``frame``
     says otherwise) after the modality and VOI transforms chosen by ``window`` (``"header"``: the header's VOI LUT or
     window, else the full range; ``"full"``; or a ``(center, width)`` pair), MONOCHROME1 inverted: grey images are
     float32 (H, W) in [0, 1] with bright = dense; colour ones (RGB, YBR, palette) (H, W, 3) uint8.
 
-    **NIfTI** (see :mod:`medxai.data._nifti`): one 2D slice after reorientation to RAS+ with the affine, in the
+    **NIfTI** (see :mod:`medxai.data.readers.nifti`): one 2D slice after reorientation to RAS+ with the affine, in the
     radiological display convention: by default the MIDDLE AXIAL slice of the first volume (``axis`` =
     axial/coronal/sagittal, ``slice_index``, ``volume`` of a 4D series choose another), in the data's dtype.
 
@@ -240,12 +219,9 @@ def _read_with_pillow(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
 
 
 def _check_is_readable_file(path: Path) -> None:
-    if not path.exists():
-        raise InvalidImageError(path, "file not found")
-    if path.is_dir():
-        raise InvalidImageError(path, "is a folder, not an image file")
-    if not path.is_file():
-        raise InvalidImageError(path, "not a regular file")
+    reason = special_file_reason(path)
+    if reason is not None:
+        raise InvalidImageError(path, reason)
     if path.stat().st_size == 0:
         raise InvalidImageError(path, "empty file (0 bytes)")
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medxai.data._record import SPLIT_NAMES, Record, check_split_request
-from medxai.data.sample import Sample
+from medxai.config import OFFLINE_ENV, is_offline
+from medxai.data.sources.base import SPLIT_NAMES, Record, Sample, check_split_request
 from medxai.errors import DataError, InvalidImageError
 
 __all__ = ["MedMNISTSource", "MEDMNIST_SUBSETS", "MEDMNIST_SIZES", "is_medmnist_name"]
@@ -200,6 +200,12 @@ class MedMNISTSource:
         self._check_labels_in_range()
 
         self.description = f"medmnist {self.name}" if self.size == 28 else f"medmnist {self.name} size {self.size}"
+        self.layout = {
+            "kind": "medmnist",
+            "file": self.path.name,
+            "splits": {split: f"{split}_images" for split in self._labels},
+            "classes": list(self.label_names),
+        }
         self._fingerprint: str | None = None
         self._records = [
             Record(id=f"{self.name}/{split}/{index}", label=int(label), index=index, split=split)
@@ -310,9 +316,9 @@ def _find_or_download(
         f"download {_DOWNLOAD_URL.format(file_name=file_name)} and put it in one of those folders "
         "(or pass data_dir)"
     )
-    offline = os.environ.get("MEDXAI_OFFLINE", "").strip().lower() not in ("", "0", "false", "no")
+    offline = is_offline()
     if not download or offline:
-        why = "MEDXAI_OFFLINE is set" if offline and download else "download is off"
+        why = f"{OFFLINE_ENV} is set" if offline and download else "download is off"
         raise DataError(f"{file_name} not found (searched {searched}) and {why}; {where_to_put_it}")
     try:
         return _download(file_name, MEDMNIST_SUBSETS[name].md5_by_size.get(size), _download_folder().absolute())

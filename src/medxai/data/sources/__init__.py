@@ -1,7 +1,8 @@
-"""Where labelled images come from: image folders, CSV manifests and MedMNIST files, behind one protocol.
+"""Where labelled images come from: image folders, CSV manifests, MedMNIST files and volume slices, behind one
+protocol; one small class per source, one file each.
 
 Every source lists lightweight :class:`Record` objects (no pixels) and decodes one at a time with ``load``, which
-returns a :class:`~medxai.data.sample.Sample`. :func:`open_source` picks the right source for a path or name::
+returns a :class:`~medxai.data.sources.base.Sample`. :func:`open_source` picks the right source for a path or name::
 
     source = open_source("pneumoniamnist")                       # MedMNIST subset, found or downloaded
     source = open_source("/data/chest_xray", patient_pattern=KERMANY_PATIENT_PATTERN)
@@ -14,14 +15,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-from medxai.data._folder import KERMANY_PATIENT_PATTERN, ImageFolderSource
-from medxai.data._image_io import is_hidden_or_system, read_image
-from medxai.data._manifest import ManifestSource
-from medxai.data._medmnist import MEDMNIST_SIZES, MEDMNIST_SUBSETS, MedMNISTSource, is_medmnist_name
-from medxai.data._record import SPLIT_NAMES, Record, Source
+from medxai.data.sources.base import SPLIT_NAMES, Record, Sample, Source
+from medxai.data.sources.folder import KERMANY_PATIENT_PATTERN, ImageFolderSource
+from medxai.data.sources.manifest import ManifestSource
+from medxai.data.sources.medmnist import MEDMNIST_SIZES, MEDMNIST_SUBSETS, MedMNISTSource, is_medmnist_name
+from medxai.data.sources.volume import VolumeSliceSource
 from medxai.errors import ConfigError, DataError
 
 __all__ = [
+    "Sample",
     "Record",
     "Source",
     "SPLIT_NAMES",
@@ -29,15 +31,14 @@ __all__ = [
     "ImageFolderSource",
     "MedMNISTSource",
     "ManifestSource",
+    "VolumeSliceSource",
     "KERMANY_PATIENT_PATTERN",
     "MEDMNIST_SUBSETS",
     "MEDMNIST_SIZES",
-    "read_image",
-    "is_hidden_or_system",
 ]
 
 _OPTIONS_BY_KIND: dict[type, frozenset[str]] = {
-    ImageFolderSource: frozenset({"patient_pattern"}),
+    ImageFolderSource: frozenset({"patient_pattern", "split_folders"}),
     ManifestSource: frozenset({"root", "label_names", "patient_pattern"}),
     MedMNISTSource: frozenset({"size", "data_dir", "download"}),
 }
@@ -67,9 +68,10 @@ def open_source(spec: str | Path, **options: Any) -> Source:
 
     Args:
         spec: the name or path.
-        **options: keyword options of the chosen source class (``patient_pattern``; ``root``, ``label_names``,
-            ``patient_pattern``; ``size``, ``data_dir``, ``download``). An option the chosen class does not take is
-            ignored when it is None (so callers can pass their whole configuration), and an error otherwise.
+        **options: keyword options of the chosen source class (``patient_pattern``, ``split_folders``; ``root``,
+            ``label_names``, ``patient_pattern``; ``size``, ``data_dir``, ``download``). An option the chosen class
+            does not take is ignored when it is None (so callers can pass their whole configuration), and an error
+            otherwise.
 
     Returns:
         The source.

@@ -9,7 +9,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from medxai.data._record import (
+from medxai.data.sources.base import (
+    Sample,
     SPLIT_NAMES,
     Record,
     canonical_split_name,
@@ -19,7 +20,6 @@ from medxai.data._record import (
     load_file_record,
     patient_id_from_file_name,
 )
-from medxai.data.sample import Sample
 from medxai.errors import DataError
 
 __all__ = ["ManifestSource"]
@@ -82,6 +82,12 @@ class ManifestSource:
         )
         self._records = [self._record_from_row(row) for row in rows]
         self._official_splits = self._splits_present()
+        self.layout = {
+            "kind": "manifest",
+            "columns": list(self._columns),
+            "splits": {split: "split column" for split in self._official_splits},
+            "classes": list(self.label_names),
+        }
         self._log_missing_files()
         logger.info(
             "%s: %d rows in %d classes%s",
@@ -149,6 +155,7 @@ class ManifestSource:
                 line=1,
             )
         column = {name: header.index(name) for name in ("path", "label", "patient_id", "split") if name in header}
+        self._columns = list(column)
 
         rows: list[_Row] = []
         first_line_of_id: dict[str, int] = {}

@@ -1,0 +1,397 @@
+"""``medxai train`` and ``medxai demo``: data -> splits -> model -> fit -> calibration -> evaluation -> gallery ->
+report, written into one run folder (:mod:`medxai.run_folder`).
+
+This is a job: it composes the stages and the stages never import it. Everything a later command needs goes into the
+run folder: the resolved configuration (written first, so the folder is provably a run from its first second), the
+split lists, the data check, the model card (with the positive label, temperature, threshold and how the splits were
+made), checkpoints, metrics, figures, heatmaps and the report.
+
+``--resume`` continues a run from its own ``config.yaml``: only the keys in :data:`RESUMABLE_KEYS` may change, and
+the data must still have the fingerprint the card recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medxai.classifier import Classifier
+from medxai.config import RunConfig, apply_overrides
+from medxai.data import Record, Source, is_hidden_or_system, open_source
+from medxai.data.augment import BatchAugmenter
+from medxai.data.check import check_prepared, leaked_ids
+from medxai.data.labels import choose_positive_label
+from medxai.data.prepared import PreparedSplit, prepare_split
+from medxai.data.preprocess import Preprocessor, channel_statistics
+from medxai.data.splits import SplitPlan, plan_splits
+from medxai.errors import ConfigError, DataError
+from medxai.evaluate import classification_metrics, roc_auc
+from medxai.evaluate.calibration import TemperatureScaler
+from medxai.evaluate.thresholds import THRESHOLD_METHODS, choose_threshold
+from medxai.jobs.evaluate import evaluate_prepared, write_figures
+from medxai.jobs.gallery import write_gallery
+from medxai.models import create_model
+from medxai.models.card import ModelCard
+from medxai.models.checkpoint import save_weights
+from medxai.report.html import build_report
+from medxai.run_folder import RunFolder, check_folder_name
+from medxai.train import BatchContext, fit, predict_split, resolve_device
+
+__all__ = ["train_run", "resume_config", "score_function", "fit_operating_point", "RESUMABLE_KEYS"]
+
+logger = logging.getLogger(__name__)
+
+#: What ``--resume`` may change in a run's saved configuration: how long and where it runs, and what is written after
+#: training. Everything else (data, preprocessing, model, optimiser...) defines the run and is refused.
+RESUMABLE_KEYS = (
+    "train.epochs",
+    "train.patience",
+    "train.device",
+    "train.threads",
+    "train.bootstrap_resamples",
+    "data.num_workers",
+    "explain.method",
+    "explain.layer",
+    "explain.colormap",
+    "explain.alpha",
+    "explain.per_outcome",
+    "explain.save_npy",
+)
+
+
+def train_run(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """Train, evaluate and explain as ``config`` says; return the run folder.
+
+    Args:
+        config: the resolved configuration (for ``resume``, from :func:`resume_config`).
+        resume: continue the run in ``out_dir/name`` from its last checkpoint.
+        overwrite: replace an existing run of that name (only a folder that is provably a medxai run).
+
+    Raises:
+        ConfigError: a bad option, a run folder that may not be written, or a resume that would change the run.
+        DataError: unusable data.
+    """
+    run = RunFolder(Path(config.out_dir) / check_folder_name(config.name))
+    _check_operating_point_options(config)
+    if resume:
+        run.check_resumable()
+    else:
+        run.check_can_create(overwrite=overwrite)  # before anything slow: refuse early, delete nothing
+    source = open_source(config.data.source, patient_pattern=config.data.patient_pattern,
+                         split_folders=config.data.split_folders)
+    _check_label_set(source)
+    positive = choose_positive_label(source.label_names, config.data.positive_label)
+    if resume:
+        _check_same_data(run, source)
+    else:
+        run.prepare_new(overwrite=overwrite, protected=_data_locations(source))
+        run.write_config(config)  # first: from here on the folder is provably a medxai run
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+
+    plan = plan_splits(source, val_fraction=config.data.val_fraction, test_fraction=config.data.test_fraction,
+                       seed=config.data.split_seed, min_val_size=config.data.min_val_size)
+    prepared = _prepare_splits(source, plan.splits, config)
+    run.write_skipped(_skipped(source, plan, prepared))
+    data_check = _data_check(run, source, prepared, config.data.near_duplicate_bits)
+    if config.data.drop_test_duplicates:
+        _drop_test_duplicates(prepared, data_check)
+    run.write_data_check(data_check)
+    run.write_splits({name: split.ids for name, split in prepared.items()})
+    if config.preprocess.normalize == "dataset":
+        config.preprocess.mean, config.preprocess.std = channel_statistics(prepared["train"].images)
+    run.write_config(config)
+
+    device = resolve_device(config.train.device)
+    torch.manual_seed(config.train.seed)  # the initial weights are part of the seeded run
+    model = create_model(
+        config.model.name,
+        num_classes=len(source.label_names),
+        in_chans=config.preprocess.channels,
+        pretrained=config.model.pretrained,
+        weights=config.model.weights,
+        input_size=config.preprocess.size,
+        dropout=config.model.dropout,
+    )
+    card = _new_card(model, config, source, positive, plan)
+    run.write_card(card)
+    context = BatchContext(
+        Preprocessor(config.preprocess), device, config.train.batch_size, config.train.amp, config.train.channels_last
+    )
+    result = fit(
+        model,
+        prepared["train"],
+        prepared["val"],
+        context=context,
+        augmenter=BatchAugmenter(config.augment),
+        config=config.train,
+        card=card,
+        run=run,
+        score_fn=score_function(config.train.monitor, card),
+        resume=resume,
+    )
+    monitor = "auc" if config.train.monitor == "auto" else config.train.monitor
+    logger.info("best epoch %d, validation %s %.4f", result.best_epoch, monitor, result.best_score)
+    val_logits = fit_operating_point(result.model, prepared["val"], card, context, config)
+    run.write_card(card)
+    # The weights' own copy of the card gets the temperature and threshold too (it travels without the run folder).
+    save_weights(result.model, card, run.weights_path("best"))
+    evaluations = [
+        evaluate_prepared(
+            result.model, prepared[name], name, card, context, logits=val_logits if name == "val" else None,
+            resamples=config.train.bootstrap_resamples, seed=config.train.seed,
+        )
+        for name in prepared
+        if name != "train"
+    ]
+    run.write_metrics({evaluation.split: evaluation.metrics for evaluation in evaluations})
+    final = next((item for item in evaluations if item.split == "test"), evaluations[-1])
+    card.metrics = {"split": final.split, **_summary(final.metrics)}
+    run.write_card(card)
+    write_figures(run, evaluations, card, history=run.read_history())
+    classifier = Classifier(result.model, card, device=config.train.device)
+    write_gallery(classifier, source, plan.splits[final.split], final, run, config.explain)
+    build_report(run.path)
+    return run.path
+
+
+def resume_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """The configuration to resume ``run_dir`` with: its saved ``config.yaml`` plus ``overrides``.
+
+    The run's location (``name``, ``out_dir``) is where it lies now. Overrides that change anything outside
+    :data:`RESUMABLE_KEYS` are refused: a run resumed on other data or another model would not be that run.
+
+    Raises:
+        ConfigError: nothing to resume, or a refused change (the message lists it and what may change).
+    """
+    run = RunFolder(run_dir)
+    run.check_resumable()
+    saved = run.read_config()
+    values = saved.to_dict()
+    apply_overrides(values, list(overrides))
+    config = RunConfig.from_dict(values)
+    config.name, config.out_dir = run.path.name, str(run.path.parent)
+    saved.name, saved.out_dir = config.name, config.out_dir
+    changes = _differences(saved.to_dict(), config.to_dict())
+    refused = {key: change for key, change in changes.items() if key not in RESUMABLE_KEYS}
+    if refused:
+        listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in refused.items())
+        raise ConfigError(
+            f"--resume continues {run.path} with its saved {run.config_path.name}, and these options would change "
+            f"the run: {listed}. On resume only {', '.join(RESUMABLE_KEYS)} may change; start a new run (another "
+            "--name) for anything else"
+        )
+    if changes:
+        logger.info("resuming %s with %s", run.path,
+                    ", ".join(f"{key} = {new!r}" for key, (_, new) in changes.items()))
+    return config
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """Dotted keys whose values differ between two nested mappings, with (old, new)."""
+    changes: dict[str, tuple[Any, Any]] = {}
+    for key in sorted(set(old) | set(new)):
+        dotted = f"{prefix}{key}"
+        left, right = old.get(key), new.get(key)
+        if isinstance(left, dict) and isinstance(right, dict):
+            changes.update(_differences(left, right, f"{dotted}."))
+        elif left != right:
+            changes[dotted] = (left, right)
+    return changes
+
+
+def _check_same_data(run: RunFolder, source: Source) -> None:
+    """Refuse to resume on data whose content changed since the run started, or with another architecture."""
+    card = run.read_card()
+    recorded = (card.train_data or {}).get("fingerprint")
+    if recorded and recorded != source.fingerprint():
+        raise ConfigError(
+            f"--resume: the data {source.description} is not the data {run.path} started on (content fingerprint "
+            f"{recorded[:19]} then, {source.fingerprint()[:19]} now); resuming would train on other images. Start a "
+            "new run instead"
+        )
+
+
+def _data_locations(source: Source) -> list[Path]:
+    """The folders and files a source reads, which a run folder must never overlap."""
+    locations = []
+    for attribute in ("root", "csv_path", "path"):
+        value = getattr(source, attribute, None)
+        if value is not None:
+            locations.append(Path(value))
+    inner = getattr(source, "volumes", None)
+    return locations + (_data_locations(inner) if inner is not None else [])
+
+
+def score_function(monitor: str, card: ModelCard):
+    """The validation score to maximise: AUC for binary tasks ("auto"), macro AUC for multi-class, or as named."""
+    monitor = monitor if monitor != "auto" else "auc"
+
+    def score(logits: torch.Tensor, labels: torch.Tensor) -> float:
+        probabilities = torch.softmax(logits, dim=1).numpy()
+        truth = labels.numpy()
+        if monitor == "accuracy":
+            return float((probabilities.argmax(1) == truth).mean())
+        if monitor == "loss":
+            return -float(torch.nn.functional.cross_entropy(logits, labels))
+        if card.is_binary:
+            value = roc_auc(truth == card.positive_index, probabilities[:, card.positive_index])
+        else:
+            value = classification_metrics(truth, probabilities)["auc_macro"]
+        return float(value) if value is not None and np.isfinite(value) else -float("inf")
+
+    if monitor not in ("auc", "accuracy", "loss"):
+        raise ConfigError(f"train.monitor must be auto, auc, accuracy or loss, got {monitor!r}")
+    return score
+
+
+
+def fit_operating_point(
+    model: torch.nn.Module, val: PreparedSplit, card: ModelCard, context: BatchContext, config: RunConfig
+) -> torch.Tensor:
+    """Fit the calibration temperature and (binary tasks) the operating threshold on the VALIDATION split only, and
+    store them in ``card``; returns the validation logits. A split where a fit is impossible (one class only) keeps
+    temperature 1 / the argmax, with a warning."""
+    logits = predict_split(model, val, context)
+    known = val.labels >= 0
+    labels = val.labels[known]
+    if config.train.temperature_scaling:
+        try:
+            card.temperature = TemperatureScaler().fit(logits[known], labels).temperature_
+        except ValueError as error:
+            logger.warning("temperature not fitted (%s); keeping 1.0", error)
+    method = config.train.threshold_method
+    if card.is_binary and method != "argmax":
+        probabilities = torch.softmax(logits[known].double() / float(card.temperature), dim=1)
+        try:
+            chosen = choose_threshold(
+                (labels == card.positive_index).numpy(), probabilities[:, card.positive_index].numpy(),
+                method=method, target=config.train.target_sensitivity,
+            )
+        except ValueError as error:
+            logger.warning("operating threshold not chosen (%s); predictions use the argmax", error)
+        else:
+            card.threshold = {
+                "value": chosen["value"], "method": method, "target": chosen["target"],
+                "val_sensitivity": chosen["sensitivity"], "val_specificity": chosen["specificity"],
+            }
+    return logits
+
+
+def _check_operating_point_options(config: RunConfig) -> None:
+    """Fail before training, not after it, on an operating-point option that cannot work."""
+    methods = (*THRESHOLD_METHODS, "argmax")
+    if config.train.threshold_method not in methods:
+        raise ConfigError(
+            f"train.threshold_method must be one of {list(methods)}, got {config.train.threshold_method!r}"
+        )
+    if not 0.0 < config.train.target_sensitivity <= 1.0:
+        raise ConfigError(f"train.target_sensitivity must lie in (0, 1], got {config.train.target_sensitivity}")
+    if config.train.bootstrap_resamples < 0:
+        raise ConfigError(f"train.bootstrap_resamples must be >= 0, got {config.train.bootstrap_resamples}")
+
+
+def _skipped(source: Source, plan: SplitPlan, prepared: dict[str, PreparedSplit]) -> list[tuple[str, str]]:
+    """Everything listed but not trained or evaluated on: entries that are not readable files (named pipes, broken
+    links...), unlabelled records and files that failed to decode. Hidden clutter (``.DS_Store``) is left out."""
+    listed = [(path, reason) for path, reason in source.skipped if not is_hidden_or_system(path)]
+    unlabelled = [(record.path or record.id, "no label (unlabelled row): left out") for record in plan.unlabelled]
+    return listed + unlabelled + [item for split in prepared.values() for item in split.skipped]
+
+
+def _check_label_set(source: Source) -> None:
+    if len(source.label_names) < 2:
+        raise DataError(f"{source.description}: needs at least two classes, found {source.label_names}")
+
+
+def _prepare_splits(source: Source, splits: dict[str, list[Record]], config: RunConfig) -> dict[str, PreparedSplit]:
+    preprocessor = Preprocessor(config.preprocess)
+    prepared = {
+        name: prepare_split(source, records, preprocessor, num_workers=config.data.num_workers, description=name)
+        for name, records in splits.items()
+        if records
+    }
+    for required in ("train", "val"):
+        if required not in prepared:
+            raise DataError(f"{source.description}: the {required} split is empty")
+    present = set(prepared["train"].labels.tolist())
+    if len(present) < 2:
+        raise DataError(f"{source.description}: the train split holds only one class ({sorted(present)})")
+    return prepared
+
+
+def _data_check(
+    run: RunFolder, source: Source, prepared: dict[str, PreparedSplit], near_threshold: int
+) -> dict[str, Any]:
+    """Counts per split and class, unreadable files, exact and near duplicates within and across splits (hashed
+    from the prepared images the model sees, see :mod:`medxai.data.check`), image sizes and modes, and the layout
+    the source was read with. Cross-split duplicates are logged as a loud warning."""
+    result = check_prepared(source, prepared, near_threshold=near_threshold)
+    counts = result["duplicates"]["counts"]
+    if counts["cross_split_pairs"]:
+        examples = "; ".join(
+            f"{entry['a']['split']}:{entry['a']['id']} = {entry['b']['split']}:{entry['b']['id']}"
+            for entry in result["duplicates"]["cross_split"][:3]
+        )
+        logger.warning(
+            "DATA LEAK: %d duplicate pair(s) ACROSS SPLITS (%d exact), e.g. %s. Test scores will be optimistic; "
+            "see %s, or set data.drop_test_duplicates=true to drop test images duplicated in train",
+            counts["cross_split_pairs"], counts["cross_split_exact_pairs"], examples, run.data_check_path,
+        )
+    if counts["exact_groups"] or counts["near_pairs"]:
+        logger.info("data check: %d exact duplicate group(s), %d near-duplicate pair(s) (%.1f s)",
+                    counts["exact_groups"], counts["near_pairs"], result["seconds"])
+    return result
+
+
+def _drop_test_duplicates(prepared: dict[str, PreparedSplit], data_check: dict[str, Any]) -> None:
+    """Remove test images that duplicate a train image (exact or near) before evaluation; record them in
+    ``data_check`` (the test split list written afterwards holds only the images kept)."""
+    if "test" not in prepared:
+        return
+    leaked = leaked_ids(data_check, against=("train",), split="test")
+    test = prepared["test"]
+    keep = [index for index, sample_id in enumerate(test.ids) if sample_id not in leaked]
+    if len(keep) == len(test):
+        logger.info("drop_test_duplicates: no test image duplicates a train image")
+    else:
+        if not keep:
+            raise DataError("drop_test_duplicates would remove every test image: the test split is a copy of train")
+        index = torch.tensor(keep, dtype=torch.long)
+        prepared["test"] = PreparedSplit(
+            images=test.images[index], labels=test.labels[index], ids=[test.ids[i] for i in keep],
+            boxes=[test.boxes[i] for i in keep], skipped=test.skipped,
+        )
+        logger.warning("drop_test_duplicates: dropped %d of %d test images duplicated in train; %d remain",
+                       len(test) - len(keep), len(test), len(keep))
+    data_check["dropped_from_test"] = sorted(leaked & set(test.ids))
+
+
+def _new_card(model: torch.nn.Module, config: RunConfig, source: Source, positive: str | None,
+              plan: SplitPlan) -> ModelCard:
+    return ModelCard(
+        architecture=config.model.name,
+        num_classes=len(source.label_names),
+        label_names=list(source.label_names),
+        preprocess=config.preprocess,
+        cam_layer=model.cam_layer,
+        classifier=getattr(model, "classifier_name", ""),
+        dropout=config.model.dropout,
+        positive_label=positive,
+        train_data={
+            "source": source.description,
+            "fingerprint": source.fingerprint(),
+            "layout": getattr(source, "layout", {}),
+            "splits": plan.to_dict(),
+        },
+    )
+
+
+def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    keys = ("n", "accuracy", "precision", "recall", "f1", "auc", "sensitivity", "specificity")
+    return {key: metrics.get(key) for key in keys}
