@@ -20,10 +20,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from medxai.config import TrainConfig
 from medxai.data import read_image
 from medxai.data.labels import label_key
 from medxai.data.preprocess import ContentBox, Preprocessor
-from medxai.errors import ConfigError, InvalidImageError
+from medxai.errors import CheckpointError, ConfigError, InvalidImageError
 from medxai.explain import DecisionTarget, LogOddsTarget, get_cam_method, overlay_heatmap
 from medxai.models.card import ModelCard
 from medxai.models.checkpoint import load_weights
@@ -85,13 +86,18 @@ class Classifier:
 
     @classmethod
     def from_run(
-        cls, run_dir: str | Path, *, checkpoint: str = "best", device: str = "auto", batch_size: int = 32
+        cls, run_dir: str | Path, *, checkpoint: str = "best", device: str = "auto", batch_size: int | None = None
     ) -> Classifier:
-        """Load ``run_dir/checkpoints/<checkpoint>.safetensors`` with the run's model card."""
+        """Load ``run_dir/checkpoints/<checkpoint>.safetensors`` with the run's model card.
+
+        Args:
+            batch_size: images per forward pass; None uses the run's training batch size (see
+                :class:`~medxai.config.InferenceConfig`).
+        """
         run = RunFolder(run_dir)
         run.check_is_run()
         model, card = load_weights(run.weights_path(checkpoint), run.read_card())
-        return cls(model, card, device=device, batch_size=batch_size)
+        return cls(model, card, device=device, batch_size=batch_size or _training_batch_size(run))
 
     @property
     def label_names(self) -> list[str]:
@@ -222,6 +228,13 @@ class Classifier:
             positive = self.card.label_names[self.card.positive_index]
             return f"threshold {threshold:.4g} on {positive} ({self.card.threshold.get('method', 'chosen')})"
         return "argmax"
+
+
+def _training_batch_size(run: RunFolder) -> int:
+    try:
+        return run.read_config().train.batch_size
+    except (CheckpointError, ConfigError):
+        return TrainConfig().batch_size
 
 
 def load(run_dir: str | Path, *, checkpoint: str = "best", device: str = "auto") -> Classifier:

@@ -189,8 +189,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _print_error(error: Any) -> None:
+    """``error: <message>`` as one line (never wrapped, so it can be grepped and read whole)."""
     console.print("[bold red]error:[/] ", end="")
-    console.print(str(error), highlight=False, markup=False)
+    console.print(str(error), highlight=False, markup=False, soft_wrap=True)
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -330,7 +331,7 @@ def _run_check_data(arguments: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
     else:
         for line in interpretation_lines(result):
-            console.print(line, highlight=False, markup=False)
+            console.print(line, highlight=False, markup=False, soft_wrap=True)
         for table in check_data_table(result):
             console.print(table)
     return 0

@@ -161,7 +161,9 @@ class InferenceConfig:
     """How a trained run is applied to new images (predict, explain, evaluate, explain-eval)."""
 
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1"...
-    batch_size: int = 32  # images per forward pass
+    # Images per forward pass; None: the run's own training batch size, so that re-evaluating its splits gives
+    # bit-identical logits (a convolution's float sums depend on the batch it runs in).
+    batch_size: int | None = None
 
 
 @dataclass

@@ -111,7 +111,7 @@ def evaluate_run(
     inference = inference or InferenceConfig()
     run = RunFolder(run_dir)
     run.check_is_run()
-    classifier = Classifier.from_run(run.path, device=inference.device)
+    classifier = Classifier.from_run(run.path, device=inference.device, batch_size=inference.batch_size)
     card = classifier.card
     source = open_source(data, patient_pattern=patient_pattern, split_folders=split_folders)
     label_mapping = match_labels(source.label_names, card.label_names, label_map, where=str(data))
@@ -122,7 +122,7 @@ def evaluate_run(
     prepared = prepare_split(source, records, classifier.preprocessor, label_map=label_mapping,
                              description=f"{split} ({data})")
     training = _training_config(run)
-    context = BatchContext(classifier.preprocessor, classifier.device, inference.batch_size)
+    context = BatchContext(classifier.preprocessor, classifier.device, classifier.batch_size)
     evaluation = evaluate_prepared(classifier.model, prepared, split, card, context,
                                    resamples=training.bootstrap_resamples, seed=training.seed)
     folder.write_metrics({split: evaluation.metrics})

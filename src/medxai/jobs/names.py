@@ -87,12 +87,15 @@ class InputNames:
 
     @contextlib.contextmanager
     def redacted_logs(self) -> Iterator[None]:
-        """While active, every log record passing the root logger's handlers is redacted (see :meth:`redact`)."""
+        """While active, every log record reaching any handler installed now (the root's, the application's, a
+        test's) is redacted (see :meth:`redact`)."""
         if not self.hash_names:
             yield
             return
         redactor = _RedactingFilter(self)
-        handlers = list(logging.getLogger().handlers)
+        loggers = [logging.getLogger(), *(item for item in logging.Logger.manager.loggerDict.values()
+                                          if isinstance(item, logging.Logger))]
+        handlers = list({id(handler): handler for item in loggers for handler in item.handlers}.values())
         for handler in handlers:
             handler.addFilter(redactor)
         try:

@@ -83,7 +83,7 @@ def predict_files(
         def predict(files: list[InputFile]) -> list[Prediction]:
             return classifier.predict([file.path for file in files], ids=[file.name for file in files])
 
-        predictions, skipped = _batched(names, predict, inference.batch_size)
+        predictions, skipped = _batched(names, predict, _chunk(classifier))
         result.predictions, result.skipped = predictions, result.skipped + skipped
         if out is not None:
             folder = Path(out)
@@ -125,7 +125,7 @@ def explain_files(
             return classifier.explain([file.path for file in files], ids=[file.name for file in files],
                                       method=explain.method, target=target, layer=explain.layer)
 
-        explanations, skipped = _batched(names, explain_batch, inference.batch_size)
+        explanations, skipped = _batched(names, explain_batch, _chunk(classifier))
         result.skipped += skipped
         for explanation in explanations:
             result.explained.append(_write_outputs(explanation, stems[explanation.prediction.id], folder, explain,
@@ -154,6 +154,11 @@ def _write_outputs(
         except InvalidImageError as error:  # the PNG overlay stands; only the DICOM copy is missing
             logger.warning("no DICOM secondary capture for %s: %s", file.name, error.reason)
     return written
+
+
+def _chunk(classifier: Classifier, most: int = 32) -> int:
+    """Files decoded at a time: a batch, but at most ``most`` originals (full-resolution images are large)."""
+    return max(1, min(classifier.batch_size, most))
 
 
 def _batched(names: InputNames, function: Callable[[list[InputFile]], list], chunk: int):

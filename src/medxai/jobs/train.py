@@ -218,14 +218,16 @@ def _check_same_data(run: RunFolder, source: Source) -> None:
 
 
 def _data_locations(source: Source) -> list[Path]:
-    """The folders and files a source reads, which a run folder must never overlap."""
-    locations = []
-    for attribute in ("root", "csv_path", "path"):
+    """What a run folder must never overlap: an image folder's root (a run inside it would be read as a class next
+    time), a manifest or a MedMNIST file (its images may lie beside it, untouched)."""
+    inner = getattr(source, "volumes", None)
+    if inner is not None:
+        return _data_locations(inner)
+    for attribute in ("csv_path", "path", "root"):
         value = getattr(source, attribute, None)
         if value is not None:
-            locations.append(Path(value))
-    inner = getattr(source, "volumes", None)
-    return locations + (_data_locations(inner) if inner is not None else [])
+            return [Path(value)]
+    return []
 
 
 def score_function(monitor: str, card: ModelCard):
