@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("run", help="run folder")
     evaluate.add_argument("--data", required=True, help="image folder, CSV manifest, .npz or MedMNIST name")
-    evaluate.add_argument("--split", help="train, val, test, or all (default: test)")
+    evaluate.add_argument("--split", choices=("train", "val", "test", "all"), help="default: test")
     evaluate.add_argument("--name", help="evaluation folder name under RUN/evaluations (default: DATA-SPLIT)")
     _add_data_options(evaluate)
     _add_inference_options(evaluate)
@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     explain_eval.add_argument("run", help="run folder")
     explain_eval.add_argument("--data", required=True, help="image folder, CSV manifest, .npz or MedMNIST name")
-    explain_eval.add_argument("--split", help="train, val, test, or all (default: test)")
+    explain_eval.add_argument("--split", choices=("train", "val", "test", "all"), help="default: test")
     explain_eval.add_argument("--methods", help="comma-separated CAM methods (default: gradcam; e.g. gradcam,scorecam)")
     explain_eval.add_argument("--max-images", type=int,
                               help="evaluate a seeded random subset of at most this many images (default 200)")
@@ -163,7 +163,7 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_inference_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: auto)")
-    parser.add_argument("--batch-size", type=int, help="images per forward pass (default 32)")
+    parser.add_argument("--batch-size", type=int, help="images per forward pass (default: the run's training batch size)")
 
 
 def _add_hash_names(parser: argparse.ArgumentParser) -> None:
@@ -319,19 +319,22 @@ def _run_explain(arguments: argparse.Namespace) -> int:
 
 
 def _run_check_data(arguments: argparse.Namespace) -> int:
+    from medxai.data import open_source
     from medxai.data.check import check_data, check_data_table, interpretation_lines
 
+    source = open_source(arguments.path, patient_pattern=arguments.patient_pattern,
+                         split_folders=_split_folders(arguments.split_folders))
+    if not arguments.json:  # the interpretation first, before the (long) decoding of every file
+        for line in interpretation_lines(source):
+            console.print(line, highlight=False, markup=False, soft_wrap=True)
     options = {"near_threshold": arguments.near_threshold} if arguments.near_threshold is not None else {}
-    result = check_data(arguments.path, patient_pattern=arguments.patient_pattern,
-                        split_folders=_split_folders(arguments.split_folders), **options)
+    result = check_data(source, **options)
     if arguments.out:
         Path(arguments.out).parent.mkdir(parents=True, exist_ok=True)
         Path(arguments.out).write_text(json.dumps(result, indent=2))
     if arguments.json:
         print(json.dumps(result, indent=2))
     else:
-        for line in interpretation_lines(result):
-            console.print(line, highlight=False, markup=False, soft_wrap=True)
         for table in check_data_table(result):
             console.print(table)
     return 0

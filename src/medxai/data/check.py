@@ -505,18 +505,18 @@ def _log_summary(result: Mapping[str, Any]) -> None:
     )
 
 
-def interpretation_lines(result: Mapping[str, Any]) -> list[str]:
-    """How the data was read, in words, for the first lines of ``medxai check-data``: where the splits came from and
-    which classes were found (a wrongly read layout is the first thing to rule out)."""
-    layout = result.get("layout") or {}
-    lines = [f"{result['source']}: read as {layout.get('kind', 'a data source')}"
+def interpretation_lines(source: Source) -> list[str]:
+    """How a source read the data, in words, for the first lines of ``medxai check-data``: where the splits came
+    from and which classes were found (a wrongly read layout is the first thing to rule out)."""
+    layout = getattr(source, "layout", {}) or {}
+    lines = [f"{source.description}: read as {layout.get('kind', 'a data source')}"
              + (f" (chosen by {layout['chosen_by']})" if layout.get("chosen_by") else "")]
     splits = layout.get("splits") or {}
     if splits:
         lines.append("splits: " + ", ".join(f"{split} <- {where}" for split, where in splits.items()))
     else:
         lines.append("splits: none in the data (training carves val, and test when asked, stratified by class)")
-    classes = layout.get("classes") or result.get("label_names") or []
+    classes = list(source.label_names)
     lines.append(f"classes ({len(classes)}): " + ", ".join(str(name) for name in classes))
     return lines
 

@@ -51,8 +51,8 @@ def compare_runs(
             continue
         run = RunFolder(path)
         rows.append(_row(run, split))
-        if evaluations:
-            rows.extend(_evaluation_row(folder) for folder in run.evaluations())
+        if evaluations:  # those with metrics: an explain-eval alone measures heatmaps, not the model
+            rows.extend(_evaluation_row(folder) for folder in run.evaluations() if folder.metrics_path.is_file())
     return rows
 
 

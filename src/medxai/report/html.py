@@ -146,8 +146,8 @@ def _read_run(run: RunFolder) -> _RunFiles:
     evaluations = []
     for folder in run.evaluations():
         info, metrics = _tolerant(folder.read_info, folder.info_path), _tolerant(folder.read_metrics, folder.metrics_path)
-        if isinstance(info, dict):
-            evaluations.append((folder, info, metrics if isinstance(metrics, dict) else {}))
+        if isinstance(info, dict) and metrics:  # explain-eval alone leaves no metrics: it shows under explanations
+            evaluations.append((folder, info, metrics))
     card = _tolerant(run.read_card, run.card_path)
     metrics = _tolerant(run.read_metrics, run.metrics_path)
     return _RunFiles(
