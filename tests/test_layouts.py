@@ -67,7 +67,8 @@ def test_training_testing_tree_is_two_splits_of_four_classes_and_its_leaks_are_f
     result = check_data(root)
     leaked = {entry["b"]["id"] for entry in result["duplicates"]["cross_split"]}
     assert leaked == set(copies)
-    assert all(entry["a"]["split"] == "train" and entry["kind"] == "exact" for entry in result["duplicates"]["cross_split"])
+    pairs = result["duplicates"]["cross_split"]
+    assert all(entry["a"]["split"] == "train" and entry["kind"] == "exact" for entry in pairs)
     assert result["duplicates"]["counts"]["conflicting_label_groups"] == 0
 
     assert main(["check-data", str(root)]) == 0
@@ -140,7 +141,8 @@ def test_special_files_are_listed_with_a_reason_and_never_opened(tmp_path, capsy
     assert main(["train", "--data", str(data), "--out", str(tmp_path), "--name", "run", "--epochs", "1",
                  "--size", "16", "--set", "train.batch_size=8", "--set", "explain.per_outcome=1",
                  "--set", "train.bootstrap_resamples=0"]) == 0
-    skipped = {Path(row["file"]).name: row["reason"] for row in csv.DictReader((tmp_path / "run" / "skipped.csv").open())}
+    rows = csv.DictReader((tmp_path / "run" / "skipped.csv").open())
+    skipped = {Path(row["file"]).name: row["reason"] for row in rows}
     assert set(skipped) == set(expected)
 
     out = tmp_path / "predictions"

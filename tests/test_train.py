@@ -84,7 +84,8 @@ def _train(run_dir, card_model_seed, epochs, *, resume=False, interrupt_after=No
     return fit(
         model, _toy_split(64, 1), _toy_split(32, 2), context=context,
         augmenter=BatchAugmenter(AugmentConfig(rotation_degrees=10, hflip=0.5)), config=config, card=card,
-        run=RunFolder(run_dir), score_fn=lambda logits, labels: -torch.nn.functional.cross_entropy(logits, labels).item(),
+        run=RunFolder(run_dir),
+        score_fn=lambda logits, labels: -torch.nn.functional.cross_entropy(logits, labels).item(),
         resume=resume, callbacks=[stop],
     )
 

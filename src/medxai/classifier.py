@@ -104,7 +104,9 @@ class Classifier:
         return list(self.card.label_names)
 
     # ----------------------------------------------------------------------------------------------------------
-    def predict(self, inputs: InputImage | Sequence[InputImage], *, ids: Sequence[str] | None = None) -> list[Prediction]:
+    def predict(
+        self, inputs: InputImage | Sequence[InputImage], *, ids: Sequence[str] | None = None
+    ) -> list[Prediction]:
         """Predict every input; a file that cannot be read raises :class:`InvalidImageError` naming it.
 
         Args:

@@ -37,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = commands.add_parser("demo", help="train the simple CNN on PneumoniaMNIST, evaluate and explain (CPU is enough)")
+    demo = commands.add_parser(
+        "demo", help="train the simple CNN on PneumoniaMNIST, evaluate and explain (CPU is enough)"
+    )
     demo.add_argument("--out", help="folder that receives the run folder 'demo' (default: runs)")
     demo.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: auto)")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
@@ -87,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("images", nargs="+", help="image files or folders")
     explain.add_argument("--out", required=True, help="output folder for overlays")
     explain.add_argument("--method", help="CAM method (default: gradcam)")
-    explain.add_argument("--layer", action="append", help="module name(s) to explain at (default: the model's CAM layer)")
+    explain.add_argument("--layer", action="append",
+                         help="module name(s) to explain at (default: the model's CAM layer)")
     explain.add_argument("--target", help="class name or index to explain (default: the label the model reports)")
     explain.add_argument("--colormap", help="matplotlib colormap (default: jet)")
     explain.add_argument("--alpha", type=float, help="heatmap opacity (default 0.4)")
@@ -163,7 +166,8 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_inference_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: auto)")
-    parser.add_argument("--batch-size", type=int, help="images per forward pass (default: the run's training batch size)")
+    parser.add_argument("--batch-size", type=int,
+                        help="images per forward pass (default: the run's training batch size)")
 
 
 def _add_hash_names(parser: argparse.ArgumentParser) -> None:

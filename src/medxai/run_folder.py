@@ -277,7 +277,9 @@ class EvaluationFolder:
         return read_skipped(self.skipped_path)
 
     def read_explain_metrics(self) -> dict[str, Any] | None:
-        return _read_json(self.explain_metrics_path, EXPLAIN_METRICS_FILE) if self.explain_metrics_path.is_file() else None
+        if not self.explain_metrics_path.is_file():
+            return None
+        return _read_json(self.explain_metrics_path, EXPLAIN_METRICS_FILE)
 
     def write_explain_metrics(self, document: Mapping[str, Any]) -> Path:
         return _write_json(self.explain_metrics_path, dict(document))
@@ -462,7 +464,9 @@ class RunFolder(EvaluationFolder):
             raise ConfigError(f"{self.path} exists and is not a folder; choose another --name or --out")
         if self.path.is_dir() and any(self.path.iterdir()):
             if not overwrite:
-                raise ConfigError(f"{self.path} already exists; use --resume to continue it or --overwrite to replace it")
+                raise ConfigError(
+                    f"{self.path} already exists; use --resume to continue it or --overwrite to replace it"
+                )
             if not self.is_run():
                 raise ConfigError(
                     f"{self.path} exists and is not a medxai run folder (no readable {MODEL_CARD_FILE}, no "

@@ -157,7 +157,7 @@ class PredictedClassTarget(Target):
         return "PredictedClassTarget()"
 
 
-class LogOddsTarget(Target):
+class LogOddsTarget(ClassTarget):
     """The log-odds of a class: for a two-logit binary model ``z_c - z_other``, the logit of ``p_c / (1 - p_c)``.
 
     For a binary task this is the quantity the decision is made on: the class reported is the one whose
@@ -173,14 +173,8 @@ class LogOddsTarget(Target):
         classes: one class index for every sample, or one per sample.
     """
 
-    def __init__(self, classes: int | Sequence[int] | Tensor) -> None:
-        self._classes = _as_class_list(classes)
-
     def __call__(self, logits: Tensor) -> Tensor:
         return _log_odds(self.classes(logits), logits)
-
-    def classes(self, logits: Tensor) -> Tensor:
-        return _class_indices(self._classes, logits)
 
     def __repr__(self) -> str:
         return f"LogOddsTarget({self._classes})"

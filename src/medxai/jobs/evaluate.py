@@ -254,7 +254,8 @@ def evaluate_prepared(
         resamples=resamples,
         seed=seed,
     )
-    return SplitEvaluation(name, metrics, logits[known], split.labels[known], [i for i, k in zip(split.ids, known) if k])
+    ids = [sample_id for sample_id, labelled in zip(split.ids, known.tolist()) if labelled]
+    return SplitEvaluation(name, metrics, logits[known], split.labels[known], ids)
 
 
 def write_figures(
@@ -279,7 +280,8 @@ def _write_split_figures(folder: EvaluationFolder, evaluation: SplitEvaluation, 
     probabilities = torch.softmax(evaluation.logits / card.temperature, dim=1).numpy()
     positive = card.positive_index
     plot_confusion_matrix(
-        np.array(evaluation.metrics["confusion_matrix"]), card.label_names, folder.figure_path("confusion_matrix", split),
+        np.array(evaluation.metrics["confusion_matrix"]), card.label_names,
+        folder.figure_path("confusion_matrix", split),
         title=f"Confusion matrix ({split}, n={evaluation.metrics['n']})",
     )
     if len(np.unique(labels)) > 1:

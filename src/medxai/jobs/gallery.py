@@ -66,7 +66,9 @@ def write_gallery(
     return written
 
 
-def _gallery_entry(outcome: str, sample_id: str, explanation: Explanation, label_index: int, path: Path, card: ModelCard) -> dict:
+def _gallery_entry(
+    outcome: str, sample_id: str, explanation: Explanation, label_index: int, path: Path, card: ModelCard
+) -> dict:
     """One ``heatmaps/gallery.json`` item: outcome, id, true and predicted label, probabilities, file name."""
     prediction = explanation.prediction
     return {

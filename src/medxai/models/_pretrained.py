@@ -5,7 +5,8 @@ Where the weights come from, in order:
 1. the ``weights`` path given by the user (``--weights PATH``): a ``.safetensors`` file, or a torchvision ``.pth``
    state dict read with ``torch.load(weights_only=True)``;
 2. torchvision's download cache, ``torch.hub.get_dir()/checkpoints/<file name of the Weights enum's url>``;
-3. a download by torchvision, unless the environment variable ``MEDXAI_OFFLINE`` is set (see :func:`medxai.config.is_offline`).
+3. a download by torchvision, unless the environment variable ``MEDXAI_OFFLINE`` is set
+   (see :func:`medxai.config.is_offline`).
 
 A failure at every step raises :class:`~medxai.errors.ModelError` saying which file is expected where; random
 weights are never substituted silently.

@@ -67,7 +67,9 @@ class ModelCard:
                 f"model card lists {len(self.label_names)} label names for {self.num_classes} classes"
             )
         if self.positive_label is not None and self.positive_label not in self.label_names:
-            raise CheckpointError(f"model card's positive label {self.positive_label!r} is not among {self.label_names}")
+            raise CheckpointError(
+                f"model card's positive label {self.positive_label!r} is not among {self.label_names}"
+            )
 
     @property
     def input_size(self) -> int:
@@ -106,5 +108,7 @@ class ModelCard:
         card = cls(**{key: value for key, value in values.items() if key in known})
         for old_key, value in (("input_size", card.input_size), ("in_chans", card.in_chans)):
             if old_key in values and values[old_key] != value:
-                raise CheckpointError(f"model card's {old_key} {values[old_key]} disagrees with its preprocessing ({value})")
+                raise CheckpointError(
+                    f"model card's {old_key} {values[old_key]} disagrees with its preprocessing ({value})"
+                )
         return card

@@ -145,7 +145,8 @@ def _read_run(run: RunFolder) -> _RunFiles:
             explain.append((folder.explain_metrics_path, document))
     evaluations = []
     for folder in run.evaluations():
-        info, metrics = _tolerant(folder.read_info, folder.info_path), _tolerant(folder.read_metrics, folder.metrics_path)
+        info = _tolerant(folder.read_info, folder.info_path)
+        metrics = _tolerant(folder.read_metrics, folder.metrics_path)
         if isinstance(info, dict) and metrics:  # explain-eval alone leaves no metrics: it shows under explanations
             evaluations.append((folder, info, metrics))
     card = _tolerant(run.read_card, run.card_path)
@@ -153,7 +154,8 @@ def _read_run(run: RunFolder) -> _RunFiles:
     return _RunFiles(
         run=run,
         run_dir=run.path,
-        config_text=run.config_path.read_text(encoding="utf-8", errors="replace") if run.config_path.is_file() else None,
+        config_text=(run.config_path.read_text(encoding="utf-8", errors="replace")
+                     if run.config_path.is_file() else None),
         card=card.to_dict() if card is not None else _read_json(run.card_path),
         data_check=_tolerant(run.read_data_check, run.data_check_path),
         metrics=metrics if isinstance(metrics, dict) else {},

@@ -106,7 +106,7 @@ class ImageFolderSource:
         self._official_splits = [split for split in SPLIT_NAMES if split in class_folders_by_split]
         self.layout = {
             "kind": "split folders" if folder_of_split else "class folders",
-            "splits": {split: folder_of_split[split].name for split in self._official_splits} if folder_of_split else {},
+            "splits": {split: folder_of_split[split].name for split in self._official_splits},
             "classes": list(self.label_names),
             "chosen_by": "data.split_folders" if split_folders is not None else "folder names",
         }
