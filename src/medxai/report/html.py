@@ -253,7 +253,7 @@ def _render_page(files: _RunFiles, images: _ImageEncoder) -> str:
         ("confusion", "Confusion matrices", _confusion_section),
         ("roc-pr", "ROC and precision-recall curves", _roc_pr_section),
         ("calibration", "Calibration", _calibration_section),
-        ("evaluations", "Evaluations on other data", _evaluations_section),
+        ("evaluations", "Evaluations", _evaluations_section),
         ("gallery", "Grad-CAM gallery", _gallery_section),
         ("explanations", "Explanation quality", _explanations_section),
         ("model-card", "Model card", _model_card_section),
@@ -631,24 +631,34 @@ def _evaluations_section(files: _RunFiles, images: _ImageEncoder) -> str:
     for folder, info, metrics in files.evaluations:
         split = info.get("split")
         entry = metrics.get(split) if isinstance(metrics.get(split), dict) else {}
-        kind = "external" if info.get("kind") == "external" else "internal (the run's own data)"
-        rows.append([_e(folder.name), _e(kind), f"<code>{_e(str(info.get('data', '?')))}</code>",
-                     _e(str(info.get("selection", split))), _count(entry.get("n")),
+        kind = "external" if info.get("kind") == "external" else "internal: the run's own data"
+        data = str(info.get("data", "?"))
+        rows.append([f"<b>{_e(folder.name)}</b><br><small>{_e(kind)}</small>",
+                     f'<span title="{_e(data)}">{_e(_short_data_name(data))}</span><br>'
+                     f"<small>{_e(str(info.get('selection', split)))}</small>",
+                     _count(entry.get("n")),
                      *(_with_interval(entry, key) for key, _ in _EVALUATION_METRICS),
                      _with_interval(entry.get("calibration") or {}, "ece")])
         for kind_of_figure, caption in (("roc", "ROC"), ("reliability", "Reliability")):
             path = folder.figure_path(kind_of_figure, split) if split else None
             if path is not None and path.is_file():
                 figures.append(_figure(path, images, f"{caption}, evaluation {folder.name}"))
-    text = ("<p>The same model on data it was not trained on: the honest answer to \"will it work on our "
-            "patients?\". A drop against the run's own test split measures the shift between the datasets "
-            "(scanners, populations, preprocessing); the operating threshold and temperature are the run's, "
-            "chosen on its own validation split.</p>")
-    text += _table(["evaluation", "kind", "data", "images", "n", *(title for _, title in _EVALUATION_METRICS),
-                    "ECE"], rows, cls="metrics", raw=True, caption="Evaluations (value and 95% CI)")
+    text = ("<p>The model measured again after training (<code>medxai evaluate</code>). An <b>external</b> "
+            "evaluation uses data it was not trained on: the honest answer to \"will it work on our patients?\"; "
+            "a drop against the run's own test split measures the shift between the datasets (scanners, "
+            "populations, preprocessing). An <b>internal</b> one re-reads the run's own data through its split "
+            "lists. Threshold and temperature are the run's, chosen on its own validation split. A set drawn from "
+            "the same source as the training data is not independent, whatever its folder is called.</p>")
+    text += _table(["evaluation", "data and images", "n", *(title for _, title in _EVALUATION_METRICS), "ECE"], rows,
+                   cls="metrics", raw=True, caption="Evaluations (value and 95% CI)")
     if figures:
         text += '<div class="row">' + "".join(figures) + "</div>"
     return text
+
+
+def _short_data_name(description: str) -> str:
+    """``image folder /long/path/chest_xray`` -> ``chest_xray`` (the full description is the cell's tooltip)."""
+    return Path(description.split(" ", 2)[-1]).name or description
 
 
 def _gallery_section(files: _RunFiles, images: _ImageEncoder) -> str:
@@ -955,7 +965,7 @@ figure { margin: 0.6rem 0; display: inline-block; vertical-align: top; }
 figure img { max-width: 100%; height: auto; border: 1px solid #e3e8ef; }
 figcaption { font-size: 0.85rem; color: #4a5563; }
 .row { display: flex; flex-wrap: wrap; gap: 1rem; }
-.row figure { flex: 0 1 560px; }
+.row figure { flex: 0 1 520px; }
 .tiles { display: flex; flex-wrap: wrap; gap: 0.8rem; }
 .tile { width: 200px; }
 .tile img { width: 200px; image-rendering: pixelated; }
