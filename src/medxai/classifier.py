@@ -20,11 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from medxai.config import TrainConfig
 from medxai.data import read_image
 from medxai.data.labels import label_key
 from medxai.data.preprocess import ContentBox, Preprocessor
-from medxai.errors import CheckpointError, ConfigError, InvalidImageError
+from medxai.errors import ConfigError, InvalidImageError
 from medxai.explain import DecisionTarget, LogOddsTarget, get_cam_method, overlay_heatmap
 from medxai.models.card import ModelCard
 from medxai.models.checkpoint import load_weights
@@ -97,7 +96,7 @@ class Classifier:
         run = RunFolder(run_dir)
         run.check_is_run()
         model, card = load_weights(run.weights_path(checkpoint), run.read_card())
-        return cls(model, card, device=device, batch_size=batch_size or _training_batch_size(run))
+        return cls(model, card, device=device, batch_size=batch_size or run.training_config().batch_size)
 
     @property
     def label_names(self) -> list[str]:
@@ -230,13 +229,6 @@ class Classifier:
             positive = self.card.label_names[self.card.positive_index]
             return f"threshold {threshold:.4g} on {positive} ({self.card.threshold.get('method', 'chosen')})"
         return "argmax"
-
-
-def _training_batch_size(run: RunFolder) -> int:
-    try:
-        return run.read_config().train.batch_size
-    except (CheckpointError, ConfigError):
-        return TrainConfig().batch_size
 
 
 def load(run_dir: str | Path, *, checkpoint: str = "best", device: str = "auto") -> Classifier:

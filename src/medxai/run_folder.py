@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from medxai.config import RunConfig
+from medxai.config import RunConfig, TrainConfig
 from medxai.data.sources.base import SPLIT_NAMES
 from medxai.errors import CheckpointError, ConfigError, DataError
 from medxai.models.card import ModelCard
@@ -366,6 +366,15 @@ class RunFolder(EvaluationFolder):
         if not isinstance(values, dict):
             raise CheckpointError(f"{self.config_path}: not a medxai configuration (expected a mapping)")
         return RunConfig.from_dict(values)
+
+    def training_config(self) -> TrainConfig:
+        """The run's training settings (batch size, bootstrap resamples, seed), which later commands reuse so that
+        re-evaluating the run reproduces its figures exactly; the defaults when ``config.yaml`` is missing or
+        unreadable."""
+        try:
+            return self.read_config().train
+        except (CheckpointError, ConfigError):
+            return TrainConfig()
 
     def write_config(self, config: RunConfig) -> Path:
         self.path.mkdir(parents=True, exist_ok=True)

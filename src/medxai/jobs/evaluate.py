@@ -30,7 +30,7 @@ from medxai.config import InferenceConfig, TrainConfig
 from medxai.data import Record, Source, open_source
 from medxai.data.labels import match_labels
 from medxai.data.prepared import PreparedSplit, prepare_split
-from medxai.errors import CheckpointError, ConfigError, DataError
+from medxai.errors import ConfigError, DataError
 from medxai.evaluate.summary import summarize_split
 from medxai.models.card import ModelCard
 from medxai.report.html import build_report
@@ -115,13 +115,14 @@ def evaluate_run(
     card = classifier.card
     source = open_source(data, patient_pattern=patient_pattern, split_folders=split_folders)
     label_mapping = match_labels(source.label_names, card.label_names, label_map, where=str(data))
-    own = is_training_data(source, card)
+    fingerprint = source.fingerprint()  # reads every file's size: once
+    own = is_training_data(source, card, fingerprint)
     records, selection = select_records(source, split, run, own, data)
     folder = run.evaluation(name or default_evaluation_name(data, split))
     prepare_evaluation_folder(folder)
     prepared = prepare_split(source, records, classifier.preprocessor, label_map=label_mapping,
                              description=f"{split} ({data})")
-    training = _training_config(run)
+    training = run.training_config()
     context = BatchContext(classifier.preprocessor, classifier.device, classifier.batch_size)
     evaluation = evaluate_prepared(classifier.model, prepared, split, card, context,
                                    resamples=training.bootstrap_resamples, seed=training.seed)
@@ -132,7 +133,7 @@ def evaluate_run(
         "name": folder.name,
         "kind": "internal" if own else "external",
         "data": source.description,
-        "fingerprint": source.fingerprint(),
+        "fingerprint": fingerprint,
         "split": split,
         "selection": selection,
         "n": evaluation.metrics["n"],
@@ -156,11 +157,12 @@ def default_evaluation_name(data: str | Path, split: str) -> str:
     return f"{safe[:100]}-{split}"
 
 
-def is_training_data(source: Source, card: ModelCard) -> bool:
-    """Whether ``source`` is the data the run was trained on: the same content fingerprint or the same location."""
+def is_training_data(source: Source, card: ModelCard, fingerprint: str) -> bool:
+    """Whether ``source`` (whose content fingerprint is ``fingerprint``) is the data the run was trained on: the same
+    content or the same location."""
     train_data = card.train_data or {}
     return bool(train_data) and (
-        source.fingerprint() == train_data.get("fingerprint") or source.description == train_data.get("source")
+        fingerprint == train_data.get("fingerprint") or source.description == train_data.get("source")
     )
 
 
@@ -215,14 +217,6 @@ def prepare_evaluation_folder(folder: EvaluationFolder) -> None:
     if folder.path.exists() and any(folder.path.iterdir()) and not folder.info_path.is_file():
         raise ConfigError(f"{folder.path} exists and is not a medxai evaluation; choose another --name")
     folder.path.mkdir(parents=True, exist_ok=True)
-
-
-def _training_config(run: RunFolder) -> TrainConfig:
-    """The run's bootstrap settings, so that re-evaluating its own split reproduces its intervals exactly."""
-    try:
-        return run.read_config().train
-    except (CheckpointError, ConfigError):
-        return TrainConfig()
 
 
 def evaluate_prepared(

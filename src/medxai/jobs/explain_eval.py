@@ -100,7 +100,8 @@ def evaluate_explanations(
     classifier = Classifier.from_run(run.path, device=inference.device)
     source = open_source(data, split_folders=split_folders)
     label_mapping = match_labels(source.label_names, classifier.card.label_names, label_map, where=str(data))
-    own = is_training_data(source, classifier.card)
+    fingerprint = source.fingerprint()
+    own = is_training_data(source, classifier.card, fingerprint)
     records, selection = select_records(source, split, run, own, data)
     records = _subset(records, settings.max_images, settings.seed)
     out = run if own else run.evaluation(name or default_evaluation_name(data, split))
@@ -173,7 +174,7 @@ def evaluate_explanations(
 
     if not own and not out.info_path.is_file():
         out.write_info({"name": out.name, "kind": "external", "data": source.description,
-                        "fingerprint": source.fingerprint(), "split": split, "selection": selection})
+                        "fingerprint": fingerprint, "split": split, "selection": selection})
     out.write_explain_metrics(document)
     if prepared.skipped:
         write_skipped(out.explain_skipped_path, prepared.skipped)

@@ -207,12 +207,12 @@ def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
 
 def _check_same_data(run: RunFolder, source: Source) -> None:
     """Refuse to resume on data whose content changed since the run started, or with another architecture."""
-    card = run.read_card()
-    recorded = (card.train_data or {}).get("fingerprint")
-    if recorded and recorded != source.fingerprint():
+    recorded = (run.read_card().train_data or {}).get("fingerprint")
+    current = source.fingerprint()
+    if recorded and recorded != current:
         raise ConfigError(
             f"--resume: the data {source.description} is not the data {run.path} started on (content fingerprint "
-            f"{recorded[:19]} then, {source.fingerprint()[:19]} now); resuming would train on other images. Start a "
+            f"{recorded[:19]} then, {current[:19]} now); resuming would train on other images. Start a "
             "new run instead"
         )
 

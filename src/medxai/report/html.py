@@ -85,7 +85,6 @@ class _RunFiles:
     """Everything the report reads, loaded once."""
 
     run: RunFolder
-    run_dir: Path
     config_text: str | None
     card: dict[str, Any] | None
     data_check: dict[str, Any] | None
@@ -94,6 +93,10 @@ class _RunFiles:
     gallery: dict[str, Any] | None
     explain_metrics: list[tuple[Path, dict[str, Any]]]
     evaluations: list[tuple[EvaluationFolder, dict[str, Any], dict[str, Any]]]  # (folder, info, metrics)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.run.path
 
 
 def build_report(
@@ -153,7 +156,6 @@ def _read_run(run: RunFolder) -> _RunFiles:
     metrics = _tolerant(run.read_metrics, run.metrics_path)
     return _RunFiles(
         run=run,
-        run_dir=run.path,
         config_text=(run.config_path.read_text(encoding="utf-8", errors="replace")
                      if run.config_path.is_file() else None),
         card=card.to_dict() if card is not None else _read_json(run.card_path),

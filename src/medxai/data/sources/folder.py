@@ -89,8 +89,9 @@ class ImageFolderSource:
         self.skipped: list[tuple[str, str]] = []
         self._patient_regex = compile_patient_pattern(patient_pattern)
 
-        folder_of_split = self._split_folders(split_folders)
-        class_folders_by_split = self._class_folders(folder_of_split)
+        top_folders = self._top_folders()
+        folder_of_split = self._split_folders(split_folders, top_folders)
+        class_folders_by_split = self._class_folders(folder_of_split, top_folders)
         all_class_names = {name for folders in class_folders_by_split.values() for name in folders}
         self.label_names: list[str] = sorted(all_class_names)
         if len(self.label_names) < 2:
@@ -154,8 +155,7 @@ class ImageFolderSource:
 
     # -- listing -------------------------------------------------------------------------------------------------
 
-    def _split_folders(self, requested: Mapping[str, str] | None) -> dict[str, Path]:
-        """The split folders by canonical split name; {} when the top-level folders are the classes."""
+    def _top_folders(self) -> list[Path]:
         if not self.root.exists():
             raise DataError(f"image folder {self.root} does not exist")
         if not self.root.is_dir():
@@ -163,6 +163,10 @@ class ImageFolderSource:
         top_folders = self._visible_subfolders(self.root)
         if not top_folders:
             raise DataError(f"image folder {self.root} has no class folders; {_LAYOUT_HELP}")
+        return top_folders
+
+    def _split_folders(self, requested: Mapping[str, str] | None, top_folders: list[Path]) -> dict[str, Path]:
+        """The split folders by canonical split name; {} when the top-level folders are the classes."""
         if requested is not None:
             return self._requested_split_folders(requested, top_folders)
 
@@ -207,10 +211,12 @@ class ImageFolderSource:
                 self._skip(str(folder), "top-level folder not named in data.split_folders")
         return {split: by_name[requested[split]] for split in SPLIT_NAMES if split in requested}
 
-    def _class_folders(self, folder_of_split: dict[str, Path]) -> dict[str | None, dict[str, Path]]:
+    def _class_folders(
+        self, folder_of_split: dict[str, Path], top_folders: list[Path]
+    ) -> dict[str | None, dict[str, Path]]:
         """Map each split (None without split folders) to its class folders by class name."""
         if not folder_of_split:
-            return {None: {folder.name: folder for folder in self._visible_subfolders(self.root, record=False)}}
+            return {None: {folder.name: folder for folder in top_folders}}
         class_folders_by_split: dict[str | None, dict[str, Path]] = {}
         for split, split_folder in folder_of_split.items():
             class_folders = self._visible_subfolders(split_folder)
@@ -219,9 +225,8 @@ class ImageFolderSource:
             class_folders_by_split[split] = {folder.name: folder for folder in class_folders}
         return class_folders_by_split
 
-    def _visible_subfolders(self, folder: Path, *, record: bool = True) -> list[Path]:
-        """Subfolders of ``folder``, sorted; hidden entries, loose files and special files are recorded as skipped
-        (once: ``record=False`` lists the root a second time without recording again)."""
+    def _visible_subfolders(self, folder: Path) -> list[Path]:
+        """Subfolders of ``folder``, sorted; hidden entries, loose files and special files are recorded as skipped."""
         subfolders = []
         for entry in sorted(os.scandir(folder), key=lambda item: item.name):
             reason = special_file_reason(entry.path)
@@ -232,8 +237,7 @@ class ImageFolderSource:
                 continue
             elif reason is None:
                 reason = "not inside a class folder"
-            if record:
-                self._skip(entry.path, reason)
+            self._skip(entry.path, reason)
         return subfolders
 
     def _list_records(self, class_folders_by_split: dict[str | None, dict[str, Path]]) -> list[Record]:
