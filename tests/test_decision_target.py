@@ -347,7 +347,7 @@ def test_score_cam_scores_masked_inputs_for_the_unmasked_decision(monkeypatch) -
         return decide(probabilities)
 
     monkeypatch.setattr(classifier, "decide", recording_decide)  # the instance only; decision_target() calls it
-    batch, _ = classifier._prepare([("image", image)])
+    batch = classifier.preprocessor.normalize(classifier.preprocessor.prepare(image)[0][None])
     cam = ScoreCAM(classifier.model, "relu")
     target = classifier.decision_target()
 

@@ -79,7 +79,7 @@ def test_metrics_json_has_intervals_for_every_metric_and_the_threshold_metrics(n
         assert at["auc"] == pytest.approx(entry["auc"])  # a threshold does not move the ROC curve
         assert entry["calibration"]["temperature"] == pytest.approx(card["temperature"])
         assert set(entry["calibration"]["ci95"]) == {"ece", "brier"}
-        assert set(entry["calibration_uncalibrated"]) == {"ece", "brier"}
+        assert set(entry["calibration_uncalibrated"]) == {"ece", "ece_adaptive", "brier"}
     # The threshold was fitted on val: val's metrics at the threshold are the ones stored with it.
     assert metrics["val"]["at_threshold"]["sensitivity"] == pytest.approx(threshold["val_sensitivity"])
     assert metrics["val"]["at_threshold"]["specificity"] == pytest.approx(threshold["val_specificity"])
@@ -136,7 +136,7 @@ def test_report_is_self_contained_complete_and_small(noisy_run):
     assert all(source.startswith(("data:image/png;base64,", "data:image/jpeg;base64,")) for source in sources)
     gallery = json.loads((noisy_run / "heatmaps" / "gallery.json").read_text())["items"]
     # training curves + (confusion, ROC, PR, reliability) per split + the gallery overlays
-    assert len(sources) == 1 + 4 * 2 + len(gallery)
+    assert len(sources) == 1 + 4 * 2 + 1 + len(gallery)  # curves, 4 per split, domain scores (test)
     assert "Not for clinical use without independent validation" in text
     test = _metrics(noisy_run)["test"]
     low, high = test["ci95"]["accuracy"]

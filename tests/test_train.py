@@ -69,13 +69,13 @@ class _Interrupt(Exception):
     pass
 
 
-def _train(run_dir, card_model_seed, epochs, *, resume=False, interrupt_after=None):
+def _train(run_dir, card_model_seed, epochs, *, resume=False, interrupt_after=None, **train_options):
     torch.manual_seed(card_model_seed)
     model = create_model("simple_cnn", 2, 1, input_size=16, dropout=0.2)
     card = _card(model)
     preprocessor = Preprocessor(card.preprocess)  # normalize "fixed", mean 0.5, std 0.25
     context = BatchContext(preprocessor, torch.device("cpu"), batch_size=16)
-    config = TrainConfig(epochs=epochs, lr=3e-3, seed=5, warmup_epochs=0.5)
+    config = TrainConfig(epochs=epochs, lr=3e-3, seed=5, warmup_epochs=0.5, **train_options)
 
     def stop(epoch, row):
         if interrupt_after is not None and epoch == interrupt_after:
@@ -107,9 +107,67 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
     assert resumed.history[-1]["train_loss"] == pytest.approx(straight.history[-1]["train_loss"], abs=0)
 
 
+def test_resume_with_weight_averaging_and_batchnorm_recalibration_is_exact(tmp_path):
+    """With an EMA of the weights and BatchNorm re-estimated before validation, the best checkpoint holds averaged
+    weights (not the last raw ones), and a resumed run still equals an uninterrupted one bit for bit."""
+    options = {"ema_decay": 0.9, "bn_recalibration_images": 48}
+    straight = _train(tmp_path / "straight", 0, epochs=4, **options)
+    with pytest.raises(_Interrupt):
+        _train(tmp_path / "resumed", 0, epochs=4, interrupt_after=2, **options)
+    resumed = _train(tmp_path / "resumed", 123, epochs=4, resume=True, **options)
+    for name, tensor in straight.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+    raw_last = load_file(str(tmp_path / "straight" / "checkpoints" / "last.safetensors"))
+    averaged = load_file(str(tmp_path / "straight" / "checkpoints" / "ema.safetensors"))
+    assert any(not torch.equal(raw_last[name], averaged[name]) for name in raw_last)
+    assert [row["epoch"] for row in resumed.history] == [1, 2, 3, 4]
+    assert resumed.history[-1]["val_loss"] == pytest.approx(straight.history[-1]["val_loss"], abs=0)
+
+
+def test_batchnorm_recalibration_gives_the_statistics_of_the_clean_images():
+    torch.manual_seed(0)
+    model = create_model("simple_cnn", 2, 1, input_size=16, dropout=0.2)
+    split = _toy_split(40, 3)
+    context = BatchContext(Preprocessor(_card(model).preprocess), torch.device("cpu"), batch_size=16)
+    from medxai.train.loop import model_input, recalibrate_batchnorm
+
+    norm = next(module for module in model.modules() if isinstance(module, torch.nn.BatchNorm2d))
+    recalibrate_batchnorm(model, split, context, max_images=40, generator=torch.Generator().manual_seed(0))
+    captured = []
+    handle = norm.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0]))
+    model.eval()
+    with torch.no_grad():
+        model(model_input(split.images, context))
+    handle.remove()
+    inputs = captured[0]
+    # Cumulative averages over batches of 16, 16 and 8 images: the batch means weighted equally (momentum None).
+    assert norm.momentum == 0.1  # restored
+    order = torch.randperm(40, generator=torch.Generator().manual_seed(0))
+    means = []
+    for start in range(0, 40, 16):
+        batch_inputs = inputs[order[start:start + 16]]
+        means.append(batch_inputs.mean(dim=(0, 2, 3)))
+    torch.testing.assert_close(norm.running_mean, torch.stack(means).mean(dim=0), rtol=1e-4, atol=1e-5)
+
+
 def test_training_learns_the_toy_task_and_writes_history(tmp_path):
     result = _train(tmp_path / "run", 0, epochs=6)
     assert result.history[-1]["val_accuracy"] >= 0.9
     lines = (tmp_path / "run" / "history.csv").read_text().splitlines()
     assert lines[0].startswith("epoch,train_loss,train_accuracy,val_loss,val_accuracy")
     assert len(lines) == 7
+
+
+def test_logit_adjustment_adds_tau_log_prior_to_the_logits_the_loss_sees():
+    from medxai.train.fit import build_loss
+
+    labels = torch.tensor([0, 1, 1, 1])  # prior 1/4, 3/4
+    split = PreparedSplit(torch.zeros(4, 1, 2, 2).half(), labels, ["a", "b", "c", "d"], [None] * 4)
+    loss = build_loss(TrainConfig(logit_adjustment=2.0), split, 2, torch.device("cpu"))
+    logits = torch.tensor([[0.3, -0.2], [1.0, 0.5]])
+    targets = torch.tensor([0, 1])
+    offset = 2.0 * torch.log(torch.tensor([0.25, 0.75]))
+    expected = torch.nn.functional.cross_entropy(logits + offset, targets)
+    torch.testing.assert_close(loss(logits, targets), expected)
+    plain = build_loss(TrainConfig(), split, 2, torch.device("cpu"))
+    torch.testing.assert_close(plain(logits, targets), torch.nn.functional.cross_entropy(logits, targets))

@@ -20,13 +20,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from medxai.data import read_image
+from medxai.data import read_image_with_info
+from medxai.data.input_profile import ImageFacts, image_facts
 from medxai.data.labels import label_key
 from medxai.data.preprocess import ContentBox, Preprocessor
 from medxai.errors import ConfigError, InvalidImageError
-from medxai.explain import DecisionTarget, LogOddsTarget, get_cam_method, overlay_heatmap
+from medxai.evaluate.calibration import card_calibrator
+from medxai.evaluate.domain import DomainGuard, DomainVerdict
+from medxai.explain import DecisionTarget, LogOddsTarget, build_cam, overlay_heatmap
+from medxai.explain.tta import TTACAM, tta_probabilities, tta_views
 from medxai.models.card import ModelCard
 from medxai.models.checkpoint import load_weights
+from medxai.models.features import capture_stage_statistics
 from medxai.run_folder import RunFolder
 from medxai.train import autocast_context, resolve_device
 
@@ -46,6 +51,11 @@ class Prediction:
     label_index: int
     probabilities: dict[str, float]
     decision_rule: str  # "argmax" or "threshold 0.37 on pneumonia (youden)"
+    # The out-of-domain guard's verdict (None when the run has no guard): whether the input is the kind of image
+    # the model was trained on, its domain score (validation standard deviations) and why it was flagged.
+    in_domain: bool | None = None
+    domain_score: float | None = None
+    domain_reasons: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -54,6 +64,9 @@ class Prediction:
             "label_index": self.label_index,
             "probabilities": self.probabilities,
             "decision_rule": self.decision_rule,
+            "in_domain": self.in_domain,
+            "domain_score": self.domain_score,
+            "domain_reasons": list(self.domain_reasons),
         }
 
 
@@ -76,27 +89,56 @@ class Explanation:
 class Classifier:
     """A trained model plus everything needed to use it on new images."""
 
-    def __init__(self, model: torch.nn.Module, card: ModelCard, *, device: str = "auto", batch_size: int = 32) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        card: ModelCard,
+        *,
+        device: str = "auto",
+        batch_size: int = 32,
+        guard: DomainGuard | None = None,
+        tta: Sequence[str] = (),
+    ) -> None:
+        """Args:
+            guard: the run's out-of-domain guard; None gives predictions without a domain verdict.
+            tta: test-time augmentation views (:mod:`medxai.explain.tta`): probabilities and maps are averaged
+                over the identity and these views.
+        """
         self.card = card
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.preprocessor = Preprocessor(card.preprocess)
         self.batch_size = batch_size
+        self.guard = guard
+        self.guard_layers = list(guard.layers) if guard is not None else []
+        self.tta = tuple(tta)
+        self.calibrator = card_calibrator(card)
 
     @classmethod
     def from_run(
-        cls, run_dir: str | Path, *, checkpoint: str = "best", device: str = "auto", batch_size: int | None = None
+        cls,
+        run_dir: str | Path,
+        *,
+        checkpoint: str = "best",
+        device: str = "auto",
+        batch_size: int | None = None,
+        tta: Sequence[str] = (),
     ) -> Classifier:
-        """Load ``run_dir/checkpoints/<checkpoint>.safetensors`` with the run's model card.
+        """Load ``run_dir/checkpoints/<checkpoint>.safetensors`` with the run's model card and domain guard.
 
         Args:
             batch_size: images per forward pass; None uses the run's training batch size (see
                 :class:`~medxai.config.InferenceConfig`).
+            tta: see :class:`Classifier`.
         """
         run = RunFolder(run_dir)
         run.check_is_run()
         model, card = load_weights(run.weights_path(checkpoint), run.read_card())
-        return cls(model, card, device=device, batch_size=batch_size or run.training_config().batch_size)
+        guard = DomainGuard.load(run.domain_guard_path) if run.domain_guard_path.is_file() else None
+        if guard is not None:
+            guard.gaussians = guard.gaussians.to(resolve_device(device))
+        return cls(model, card, device=device, batch_size=batch_size or run.training_config().batch_size,
+                   guard=guard, tta=tta)
 
     @property
     def label_names(self) -> list[str]:
@@ -117,10 +159,14 @@ class Classifier:
         predictions: list[Prediction] = []
         for start in range(0, len(items), self.batch_size):
             chunk = items[start : start + self.batch_size]
-            batch, _ = self._prepare(chunk)
-            with torch.no_grad(), autocast_context(self.device, True):
-                logits = self.model(batch).float()
-            predictions.extend(self._predictions([name for name, _ in chunk], logits))
+            batch, _, facts = self._prepare(chunk)
+            with torch.no_grad(), autocast_context(self.device, True), self._stages() as stages:
+                if self.tta:
+                    probabilities, _ = tta_probabilities(self._forward, batch, self._views(batch), self.probabilities)
+                else:
+                    probabilities = self.probabilities(self._forward(batch))
+            verdicts = self._verdicts(stages, facts)
+            predictions.extend(self._predictions([item.name for item in chunk], probabilities, verdicts))
         return predictions
 
     def explain(
@@ -140,20 +186,28 @@ class Classifier:
             layer: module name(s) for the CAM; None uses the model's declared layer.
             ids: see :meth:`predict`.
         """
-        cam = get_cam_method(method)(self.model, layer or self.card.cam_layer)
+        cam = build_cam(self.model, method, layer or self.card.cam_layer)
+        if self.tta:  # TTA logits are log mean CALIBRATED probabilities: the rule reads their softmax as it is
+            cam = TTACAM(cam, tta_views(self.tta, self.card.input_size, self.card.input_size), self.probabilities)
         target_index = self._target_index(target)
-        cam_target = self.decision_target() if target_index is None else LogOddsTarget(target_index)
+        cam_target = self.decision_target(calibrated=bool(self.tta)) if target_index is None else LogOddsTarget(
+            target_index)
         items = _decode_all(inputs, ids)
         explanations: list[Explanation] = []
         for start in range(0, len(items), self.batch_size):
             chunk = items[start : start + self.batch_size]
-            batch, boxes = self._prepare(chunk)
-            result = cam(batch, target=cam_target)
-            predictions = self._predictions([name for name, _ in chunk], result.logits.float())
+            batch, boxes, facts = self._prepare(chunk)
+            with self._stages() as stages:
+                result = cam(batch, target=cam_target)
+            logits = result.logits.float()
+            probabilities = torch.softmax(logits, dim=1) if self.tta else self.probabilities(logits)
+            predictions = self._predictions([item.name for item in chunk], probabilities,
+                                            self._verdicts(stages, facts))
             maps = result.maps.float().cpu().numpy()
-            for (name, image), prediction, heatmap, box, target_class in zip(
+            for item, prediction, heatmap, box, target_class in zip(
                 chunk, predictions, maps, boxes, result.target_class.tolist()
             ):
+                image = item.image
                 explanations.append(
                     Explanation(
                         prediction=prediction,
@@ -167,14 +221,30 @@ class Classifier:
         return explanations
 
     # ----------------------------------------------------------------------------------------------------------
-    def _prepare(self, items: Sequence[tuple[str, np.ndarray]]) -> tuple[torch.Tensor, list[ContentBox]]:
-        tensors, boxes = [], []
-        for name, image in items:
-            tensor, box = self.preprocessor.prepare(image, name=name)
+    def _prepare(self, items: Sequence[_Input]) -> tuple[torch.Tensor, list[ContentBox], list[ImageFacts]]:
+        tensors, boxes, facts = [], [], []
+        for item in items:
+            tensor, box = self.preprocessor.prepare(item.image, name=item.name)
             tensors.append(tensor)
             boxes.append(box)
+            facts.append(image_facts(item.image, tensor, item.info))
         batch = self.preprocessor.normalize(torch.stack(tensors).to(self.device))
-        return batch, boxes
+        return batch, boxes, facts
+
+    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.model(batch).float()
+
+    def _views(self, batch: torch.Tensor):
+        return tta_views(self.tta, batch.shape[-2], batch.shape[-1])
+
+    def _stages(self):
+        """Capture the guard's stage statistics during the forward passes inside the block (none without one)."""
+        return capture_stage_statistics(self.model, self.guard_layers)
+
+    def _verdicts(self, stages, facts: Sequence[ImageFacts]) -> list[DomainVerdict | None]:
+        if self.guard is None:
+            return [None] * len(facts)
+        return self.guard.verdicts(self.guard.scores(stages.first()), facts)
 
     def _target_index(self, target: int | str | None) -> int | None:
         if target is None or isinstance(target, int):
@@ -188,14 +258,17 @@ class Classifier:
             raise ConfigError(f"target label '{target}' is not one of the model's labels {self.card.label_names}")
         return matches[0]
 
-    def decision_target(self) -> DecisionTarget:
+    def decision_target(self, *, calibrated: bool = False) -> DecisionTarget:
         """The CAM target of the reported label: :meth:`decide` on the calibrated probabilities of the same forward
-        pass, scored by log-odds (see the module docstring)."""
-        return DecisionTarget(lambda logits: self.decide(self.probabilities(logits)), self.decision_rule())
+        pass, scored by log-odds (see the module docstring). ``calibrated``: the logits the rule sees are already
+        calibrated log-probabilities (test-time augmentation), read by a plain softmax."""
+        to_probabilities = (lambda logits: torch.softmax(logits, dim=1)) if calibrated else self.probabilities
+        return DecisionTarget(lambda logits: self.decide(to_probabilities(logits)), self.decision_rule())
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """Softmax of temperature-scaled logits (temperature 1.0 until calibrated)."""
-        return torch.softmax(logits / float(self.card.temperature or 1.0), dim=1)
+        """Calibrated probabilities: the softmax of the logits after the card's calibration (identity until
+        calibrated; see :func:`~medxai.evaluate.calibration.card_calibrator`)."""
+        return torch.softmax(self.calibrator.transform(logits).to(logits.dtype), dim=1)
 
     def decide(self, probabilities: torch.Tensor) -> torch.Tensor:
         """Class indices: the binary operating threshold when one was chosen, else argmax."""
@@ -206,8 +279,9 @@ class Classifier:
             return torch.where(is_positive, positive, 1 - positive)
         return probabilities.argmax(dim=1)
 
-    def _predictions(self, names: Sequence[str], logits: torch.Tensor) -> list[Prediction]:
-        probabilities = self.probabilities(logits)
+    def _predictions(
+        self, names: Sequence[str], probabilities: torch.Tensor, verdicts: Sequence[DomainVerdict | None]
+    ) -> list[Prediction]:
         decisions = self.decide(probabilities).tolist()
         rule = self.decision_rule()
         rows = probabilities.cpu().tolist()
@@ -218,8 +292,11 @@ class Classifier:
                 label_index=decision,
                 probabilities={label: round(value, 6) for label, value in zip(self.card.label_names, row)},
                 decision_rule=rule,
+                in_domain=None if verdict is None else verdict.in_domain,
+                domain_score=None if verdict is None else verdict.score,
+                domain_reasons=[] if verdict is None else list(verdict.reasons),
             )
-            for name, decision, row in zip(names, decisions, rows)
+            for name, decision, row, verdict in zip(names, decisions, rows, verdicts)
         ]
 
     def decision_rule(self) -> str:
@@ -244,26 +321,36 @@ def _as_list(inputs: InputImage | Sequence[InputImage]) -> list[InputImage]:
     return [inputs]
 
 
-def _decode_all(inputs: InputImage | Sequence[InputImage], ids: Sequence[str] | None) -> list[tuple[str, np.ndarray]]:
-    """Decode every input to ``(id, array)``; ``ids`` rename them (same length as the inputs)."""
+@dataclass
+class _Input:
+    """One decoded input: its name, native array and what the reader said about the file (DICOM header values)."""
+
+    name: str
+    image: np.ndarray
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _decode_all(inputs: InputImage | Sequence[InputImage], ids: Sequence[str] | None) -> list[_Input]:
+    """Decode every input; ``ids`` rename them (same length as the inputs)."""
     items = [_decode(item, index) for index, item in enumerate(_as_list(inputs))]
     if ids is None:
         return items
     ids = list(ids)
     if len(ids) != len(items):
         raise ConfigError(f"got {len(ids)} ids for {len(items)} inputs")
-    return [(name, image) for name, (_, image) in zip(ids, items)]
+    return [_Input(name, item.image, item.info) for name, item in zip(ids, items)]
 
 
-def _decode(item: InputImage, index: int) -> tuple[str, np.ndarray]:
-    """A (name, native array) pair from a path, an array or a PIL image."""
+def _decode(item: InputImage, index: int) -> _Input:
+    """A path, an array or a PIL image, decoded."""
     if isinstance(item, (str, Path)):
-        return str(item), read_image(item)
+        image, info = read_image_with_info(item)
+        return _Input(str(item), image, info)
     if isinstance(item, np.ndarray):
-        return f"array[{index}]", item
+        return _Input(f"array[{index}]", item)
     if hasattr(item, "getpixel"):  # PIL image
         image = item.convert("RGB") if item.mode not in ("L", "I;16", "I", "F", "RGB") else item
-        return f"image[{index}]", np.asarray(image)
+        return _Input(f"image[{index}]", np.asarray(image))
     raise InvalidImageError(f"input[{index}]", f"unsupported input type {type(item).__name__}")
 
 

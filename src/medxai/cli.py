@@ -81,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("images", nargs="+", help="image files or folders")
     predict.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     predict.add_argument("--out", help="also write predictions.csv and skipped.csv here")
+    predict.add_argument("--tta", help="test-time augmentation views, comma-separated: hflip, vflip, shift")
     _add_hash_names(predict)
+    _add_ood_action(predict)
     _add_inference_options(predict)
 
     explain = commands.add_parser("explain", help="write Grad-CAM overlays at each image's original resolution")
@@ -96,7 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--alpha", type=float, help="heatmap opacity (default 0.4)")
     explain.add_argument("--npy", action="store_true", default=None, help="also save raw heatmaps as .npy")
     explain.add_argument("--json", action="store_true")
+    explain.add_argument("--tta", help="test-time augmentation views, comma-separated: hflip, vflip, shift "
+                                       "(probabilities and maps averaged)")
     _add_hash_names(explain)
+    _add_ood_action(explain)
     explain.add_argument("--dicom-sc", action="store_true",
                          help="for DICOM inputs, also write the overlay as a DICOM Secondary Capture (.dcm) in the "
                               "source's study, referencing the source; no patient data unless the next option")
@@ -118,6 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="write a run's self-contained HTML report (train and demo do this too)")
     report.add_argument("run", help="run folder")
     report.add_argument("--out", help="HTML file to write (default: RUN/report.html)")
+
+    ensemble = commands.add_parser(
+        "ensemble", help="combine trained runs (same data and splits) into one ensemble run: the mean of their "
+                         "probabilities, calibrated, evaluated, explained and reported like any run"
+    )
+    ensemble.add_argument("runs", nargs="+", help="two or more run folders")
+    ensemble.add_argument("--name", required=True, help="name of the ensemble run")
+    ensemble.add_argument("--out", help="parent folder of the ensemble run (default: runs)")
+    ensemble.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    ensemble.add_argument("--overwrite", action="store_true", help="replace an existing run folder (medxai runs only)")
 
     compare = commands.add_parser(
         "compare", help="table of runs and evaluations: model, data, metrics with 95%% confidence intervals"
@@ -265,11 +280,25 @@ def _run_evaluate(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def _add_ood_action(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ood-action", choices=("mark", "skip"), default="mark",
+                        help="inputs the domain guard marks out of domain: keep them, marked (default), or list them "
+                             "in skipped.csv instead of predicting")
+
+
+def _domain_cell(prediction: Any) -> str:
+    if prediction.in_domain is None:
+        return "-"
+    return "yes" if prediction.in_domain else "[bold red]NO: OUT OF DOMAIN[/]"
+
+
 def _run_predict(arguments: argparse.Namespace) -> int:
+    from medxai.explain.tta import parse_tta
     from medxai.jobs.predict import predict_files
 
     result = predict_files(arguments.run, arguments.images, out=arguments.out, hash_names=arguments.hash_names,
-                           inference=_inference(arguments))
+                           inference=_inference(arguments), ood_action=arguments.ood_action,
+                           tta=parse_tta(arguments.tta))
     label_names = result.classifier.label_names
     if arguments.json:
         for prediction in result.predictions:
@@ -283,10 +312,17 @@ def _run_predict(arguments: argparse.Namespace) -> int:
         table.add_column("prediction")
         for name in label_names:
             table.add_column(f"p({name})", justify="right")
-        for prediction in result.predictions:
+        table.add_column("in domain")
+        # In-domain predictions first, out-of-domain ones after them: never mixed in one list unmarked.
+        ordered = sorted(result.predictions, key=lambda item: item.in_domain is False)
+        for prediction in ordered:
             table.add_row(prediction.id, prediction.label,
-                          *(f"{prediction.probabilities[name]:.3f}" for name in label_names))
+                          *(f"{prediction.probabilities[name]:.3f}" for name in label_names), _domain_cell(prediction))
         console.print(table)
+        flagged = sum(item.in_domain is False for item in result.predictions)
+        if flagged:
+            console.print(f"[bold red]{flagged} input(s) are OUT OF DOMAIN[/]: unlike the training images; their "
+                          "predictions should not be trusted (domain_reasons in --json / predictions.csv)")
         _print_skipped(result.skipped)
     return 0 if result.predictions or not result.inputs else 1
 
@@ -298,11 +334,15 @@ def _run_explain(arguments: argparse.Namespace) -> int:
     target = arguments.target
     if target is not None and target.isdigit():
         target = int(target)
+    from medxai.explain.tta import parse_tta
+
     explain = with_values(ExplainConfig(), method=arguments.method, layer=arguments.layer,
-                          colormap=arguments.colormap, alpha=arguments.alpha, save_npy=arguments.npy)
+                          colormap=arguments.colormap, alpha=arguments.alpha, save_npy=arguments.npy,
+                          tta=list(parse_tta(arguments.tta)) or None)
     dicom = DicomOutput(arguments.dicom_sc, arguments.dicom_sc_copy_patient, arguments.dicom_sc_deidentify)
     result = explain_files(arguments.run, arguments.images, arguments.out, explain=explain, target=target,
-                           hash_names=arguments.hash_names, dicom=dicom, inference=_inference(arguments))
+                           hash_names=arguments.hash_names, dicom=dicom, inference=_inference(arguments),
+                           ood_action=arguments.ood_action)
     if arguments.json:
         for item in result.explained:
             print(json.dumps({**item.explanation.prediction.to_dict(), "overlay": str(item.overlay),
@@ -312,11 +352,12 @@ def _run_explain(arguments: argparse.Namespace) -> int:
     else:
         table = Table(title=f"{len(result.explained)} explained, {len(result.skipped)} skipped, {result.inputs} inputs "
                             f"-> {arguments.out}")
-        for column in ("image", "prediction", "explained", "overlay"):
+        for column in ("image", "prediction", "explained", "overlay", "in domain"):
             table.add_column(column, overflow="fold")
-        for item in result.explained:
+        for item in sorted(result.explained, key=lambda entry: entry.explanation.prediction.in_domain is False):
             prediction = item.explanation.prediction
-            table.add_row(prediction.id, prediction.label, item.explanation.target_label, item.overlay.name)
+            table.add_row(prediction.id, prediction.label, item.explanation.target_label, item.overlay.name,
+                          _domain_cell(prediction))
         console.print(table)
         _print_skipped(result.skipped)
     return 0 if result.explained or not result.inputs else 1
@@ -377,6 +418,18 @@ def _run_compare(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def _run_ensemble(arguments: argparse.Namespace) -> int:
+    from medxai.jobs.ensemble import build_ensemble
+
+    started = time.perf_counter()
+    run_dir = build_ensemble(arguments.runs, name=arguments.name, out_dir=arguments.out or "runs",
+                             overwrite=arguments.overwrite, device=arguments.device)
+    _print_metrics_table(run_dir, title=f"ensemble of {len(arguments.runs)} runs")
+    console.print(f"run folder: [bold]{run_dir}[/]  ({time.perf_counter() - started:.0f} s)")
+    _print_report_path(run_dir)
+    return 0
+
+
 def _run_explain_eval(arguments: argparse.Namespace) -> int:
     from medxai.config import ExplainEvalConfig, with_values
     from medxai.jobs.explain_eval import evaluate_explanations
@@ -431,6 +484,7 @@ _COMMANDS = {
     "check-data": _run_check_data,
     "report": _run_report,
     "compare": _run_compare,
+    "ensemble": _run_ensemble,
 }
 
 

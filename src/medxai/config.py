@@ -28,6 +28,7 @@ __all__ = [
     "RunConfig",
     "InferenceConfig",
     "ExplainEvalConfig",
+    "DomainConfig",
     "with_values",
     "load_config",
     "preset_path",
@@ -129,7 +130,22 @@ class TrainConfig:
     momentum: float = 0.9  # SGD only
     warmup_epochs: float = 1.0  # linear warm-up, then cosine decay to zero (Loshchilov & Hutter 2017)
     label_smoothing: float = 0.0
-    class_weighting: bool = False  # weight the loss by inverse class frequency of the train split
+    # Weight the loss by inverse class frequency of the train split. It shifts every probability towards the rare
+    # class (a re-weighted loss fits a re-weighted prior), which calibration then has to undo: prefer the plain loss
+    # and let the validation-chosen threshold set the operating point.
+    class_weighting: bool = False
+    # Logit adjustment (Menon et al., "Long-tail learning via logit adjustment", ICLR 2021): the loss sees
+    # z + tau * log(prior) with the train split's class prior, so the network's own logits z learn the class-BALANCED
+    # posterior; 0 turns it off. Unlike a re-weighted loss it keeps the probabilities a proper (balanced-prior)
+    # posterior; the validation calibration ("bias" restores the validation prior, "temperature" keeps the balance).
+    logit_adjustment: float = 0.0
+    # Exponential moving average of the weights (and BatchNorm buffers), updated every step with this decay and
+    # evaluated, selected and checkpointed instead of the raw weights (Polyak & Juditsky 1992; as in timm's
+    # ModelEmaV2); 0 turns it off. It damps the epoch-to-epoch swings of validation accuracy.
+    ema_decay: float = 0.0
+    # Re-estimate BatchNorm statistics on un-augmented train batches before each validation (the running statistics
+    # were gathered on augmented images); at most this many images, 0 turns it off.
+    bn_recalibration_images: int = 0
     monitor: str = "auto"  # validation metric for best checkpoint / early stopping: "auc", "accuracy", "loss", "auto"
     patience: int = 0  # epochs without improvement before stopping; 0 never stops early
     seed: int = 0
@@ -138,7 +154,10 @@ class TrainConfig:
     channels_last: bool = True  # memory format on CUDA (ignored on CPU)
     threads: int = 0  # CPU threads for torch; 0 leaves torch's default
     # After training, on the VALIDATION split only (the test split never chooses anything):
-    temperature_scaling: bool = True  # fit a calibration temperature (Guo et al. 2017); saved in the model card
+    temperature_scaling: bool = True  # False: no calibration at all (whatever ``calibration`` says)
+    # Post-hoc calibration fitted on validation: "temperature" (Guo et al. 2017), "bias" (temperature plus per-class
+    # bias: Platt scaling of the log-odds for binary tasks), "vector" (per-class scale and bias) or "none".
+    calibration: str = "temperature"
     threshold_method: str = "youden"  # binary operating point: "youden" (max J), "sensitivity" (target below), "argmax"
     target_sensitivity: float = 0.95  # the validation sensitivity to reach with threshold_method "sensitivity"
     bootstrap_resamples: int = 1000  # resamples for the 95% confidence intervals in metrics.json; 0 leaves them out
@@ -154,6 +173,26 @@ class ExplainConfig:
     alpha: float = 0.4  # heatmap opacity over the image
     per_outcome: int = 3  # demo/train gallery: images per outcome (TP, FP, FN, TN) for binary tasks
     save_npy: bool = False  # also save raw maps as .npy
+    # Test-time augmentation of `medxai explain`: views among hflip, vflip, shift (medxai.explain.tta) whose
+    # probabilities and maps are averaged with the original's; [] turns it off. Flips only suit models trained with
+    # them (a mirrored chest film is not a chest film).
+    tta: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DomainConfig:
+    """The out-of-domain guard fitted at the end of training (:mod:`medxai.evaluate.domain`)."""
+
+    enabled: bool = True
+    # Share of in-domain inputs the feature score may flag, extrapolated from the validation scores with a normal
+    # tail (1e-4: about 3.7 standard deviations); lower flags fewer in-domain inputs and fewer of the others.
+    false_alarm_rate: float = 1e-4
+    shrinkage: float = 0.01  # weight of the scaled identity in each stage's covariance
+    max_train_images: int = 20000  # a seeded random subset of train fits the Gaussians when train is larger
+    # DICOM values the model is for, beside those its training DICOM files carry (e.g. [CR, DX] and [CHEST] for
+    # chest films exported as PNG); empty: only the training files' values are checked, if any.
+    modalities: list[str] = field(default_factory=list)
+    body_parts: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -191,6 +230,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     explain: ExplainConfig = field(default_factory=ExplainConfig)
+    domain: DomainConfig = field(default_factory=DomainConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(asdict(self))

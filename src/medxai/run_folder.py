@@ -80,7 +80,7 @@ SERVE_DIR = "serve"
 HISTORY_FIELDS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_score", "lr", "seconds"]
 
 #: Figures of one evaluated split (``figures/<kind>_<split>.png``) and of the run (``training_curves``).
-FIGURE_KINDS = ("confusion_matrix", "roc", "precision_recall", "reliability")
+FIGURE_KINDS = ("confusion_matrix", "roc", "precision_recall", "reliability", "domain_scores")
 TRAINING_CURVES = "training_curves"
 
 _FOLDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -309,10 +309,16 @@ class RunFolder(EvaluationFolder):
         return self.path / CHECKPOINTS_DIR
 
     def weights_path(self, checkpoint: str = "best") -> Path:
-        """``checkpoints/<checkpoint>.safetensors`` (``best`` or ``last``)."""
-        if checkpoint not in ("best", "last"):
+        """``checkpoints/<checkpoint>.safetensors``: ``best``, ``last`` or ``ema`` (the weight average of the last
+        epoch, kept for ``--resume`` when ``train.ema_decay`` is set)."""
+        if checkpoint not in ("best", "last", "ema"):
             raise ConfigError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
         return self.checkpoints_dir / f"{checkpoint}.safetensors"
+
+    @property
+    def domain_guard_path(self) -> Path:
+        """``checkpoints/domain_guard.safetensors``: the out-of-domain guard fitted with the best weights."""
+        return self.checkpoints_dir / "domain_guard.safetensors"
 
     @property
     def state_tensors_path(self) -> Path:

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from medxai.data.input_profile import ImageFacts, image_facts
 from medxai.data.preprocess import ContentBox, Preprocessor
 from medxai.data.sources import Record, Source
 from medxai.errors import DataError, InvalidImageError
@@ -36,6 +37,7 @@ class PreparedSplit:
     ids: list[str]
     boxes: list[ContentBox]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path or id, reason)
+    facts: list[ImageFacts] = field(default_factory=list)  # per image, for the input profile of the domain guard
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -46,7 +48,8 @@ class PreparedSplit:
 
 
 class _DecodingDataset(Dataset):
-    """Decodes one record per item; errors travel back as values so that workers never die on a bad file."""
+    """Decodes one record per item into ``(index, tensor, box, facts)``, or ``(index, None, None, (path, reason))``
+    for a file that cannot be read: errors travel back as values so that workers never die on a bad file."""
 
     def __init__(self, source: Source, records: Sequence[Record], preprocessor: Preprocessor) -> None:
         self.source, self.records, self.preprocessor = source, records, preprocessor
@@ -61,7 +64,7 @@ class _DecodingDataset(Dataset):
             tensor, box = self.preprocessor.prepare(sample.image, name=record.path or record.id)
         except InvalidImageError as error:
             return index, None, None, (error.path, error.reason)
-        return index, tensor.to(STORAGE_DTYPE), box, None
+        return index, tensor.to(STORAGE_DTYPE), box, image_facts(sample.image, tensor, sample.meta)
 
 
 def _collate(items):
@@ -88,17 +91,20 @@ def prepare_split(
     images = torch.empty((len(dataset), channels, size, size), dtype=STORAGE_DTYPE)
     kept = torch.zeros(len(dataset), dtype=torch.bool)
     boxes: dict[int, ContentBox] = {}
+    facts: dict[int, ImageFacts] = {}
     skipped: list[tuple[str, str]] = []
     with tqdm(total=len(dataset), desc=description, unit="img", leave=False, disable=None) as progress:
         for batch in loader:
-            for index, tensor, box, problem in batch:
-                if problem is not None:
+            for index, tensor, box, outcome in batch:
+                if tensor is None:
+                    problem = outcome
                     skipped.append(problem)
                     logger.warning("skipped %s: %s", *problem)
                 else:
                     images[index] = tensor
                     kept[index] = True
                     boxes[index] = box
+                    facts[index] = outcome
             progress.update(len(batch))
     keep = kept.nonzero().flatten().tolist()
     if not keep and records:
@@ -110,6 +116,7 @@ def prepare_split(
         ids=[dataset.records[i].id for i in keep],
         boxes=[boxes[i] for i in keep],
         skipped=skipped,
+        facts=[facts[i] for i in keep],
     )
 
 

@@ -9,12 +9,15 @@
       "bootstrap": {"resamples", "confidence", "seed", "stratified", "method"},
       "at_threshold": {...the same keys again, predicted with p[positive] >= threshold, with their own "ci95"...},
                                                            # binary tasks with a chosen threshold only
-      "calibration": {"ece", "brier", "temperature", "n_bins", "ece_reading", "ci95": {"ece", "brier"}},
-      "calibration_uncalibrated": {"ece", "brier"}         # the same at temperature 1
+      "calibration": {"ece", "ece_adaptive", "brier", "temperature", "method", "n_bins", "ece_reading",
+                      "ci95": {"ece", "brier"}},
+      "calibration_uncalibrated": {"ece", "ece_adaptive", "brier"}   # the same before calibration
     }
 
-Probabilities are ``softmax(logits / temperature)``: temperature scaling never changes the argmax or an AUC, so the
-top-level metrics are those of the uncalibrated model too.
+Probabilities are the softmax of the calibrated logits (:class:`~medxai.evaluate.calibration.LogitCalibrator`).
+Temperature scaling never changes the argmax or an AUC, so with it the top-level metrics are those of the
+uncalibrated model too; bias and vector scaling may move the argmax (never a binary AUC: the log-odds map is
+monotone).
 """
 
 from __future__ import annotations
@@ -27,7 +30,13 @@ import torch
 from numpy.typing import ArrayLike
 
 from medxai.evaluate.bootstrap import bootstrap_calibration_intervals, bootstrap_confidence_intervals
-from medxai.evaluate.calibration import DEFAULT_BINS, brier_score, expected_calibration_error
+from medxai.evaluate.calibration import (
+    DEFAULT_BINS,
+    LogitCalibrator,
+    adaptive_calibration_error,
+    brier_score,
+    expected_calibration_error,
+)
 from medxai.evaluate.metrics import classification_metrics, to_jsonable
 
 __all__ = ["summarize_split"]
@@ -40,6 +49,7 @@ def summarize_split(
     label_names: Sequence[str],
     positive_index: int = 1,
     temperature: float = 1.0,
+    calibrator: LogitCalibrator | None = None,
     threshold: float | None = None,
     resamples: int = 1000,
     confidence: float = 0.95,
@@ -53,7 +63,9 @@ def summarize_split(
         logits: the model's raw outputs, shape (N, K).
         label_names: a name per class.
         positive_index: the positive class of a binary task.
-        temperature: the calibration temperature fitted on validation (1.0 when uncalibrated).
+        temperature: the calibration temperature fitted on validation (1.0 when uncalibrated); ignored when a
+            ``calibrator`` is given.
+        calibrator: the calibration fitted on validation (overrides ``temperature``).
         threshold: the binary operating threshold chosen on validation, or None (then no ``at_threshold``).
         resamples: bootstrap resamples per interval; 0 leaves the intervals out.
         confidence: nominal coverage of the intervals.
@@ -65,7 +77,9 @@ def summarize_split(
     """
     logit_tensor = torch.as_tensor(logits).detach().to("cpu", torch.float64)
     labels = np.asarray(y_true).astype(np.int64)
-    probabilities = torch.softmax(logit_tensor / float(temperature), dim=1).numpy()
+    if calibrator is None:
+        calibrator = LogitCalibrator.from_dict({"method": "temperature", "temperature": float(temperature)})
+    probabilities = torch.softmax(calibrator.transform(logit_tensor), dim=1).numpy()
     uncalibrated = torch.softmax(logit_tensor, dim=1).numpy()
     is_binary = probabilities.shape[1] == 2
     common = {"label_names": label_names, "positive_index": positive_index}
@@ -88,8 +102,10 @@ def summarize_split(
     class_index = positive_index if is_binary else None
     summary["calibration"] = {
         "ece": expected_calibration_error(labels, probabilities, n_bins=n_bins, class_index=class_index),
+        "ece_adaptive": adaptive_calibration_error(labels, probabilities, n_bins=n_bins, class_index=class_index),
         "brier": brier_score(labels, probabilities, positive_index=positive_index),
-        "temperature": float(temperature),
+        "temperature": float(calibrator.temperature_),
+        "method": calibrator.method,
         "n_bins": n_bins,
         "ece_reading": "positive class" if is_binary else "top label",
     }
@@ -100,6 +116,7 @@ def summarize_split(
         )
     summary["calibration_uncalibrated"] = {
         "ece": expected_calibration_error(labels, uncalibrated, n_bins=n_bins, class_index=class_index),
+        "ece_adaptive": adaptive_calibration_error(labels, uncalibrated, n_bins=n_bins, class_index=class_index),
         "brier": brier_score(labels, uncalibrated, positive_index=positive_index),
     }
     return to_jsonable(summary)

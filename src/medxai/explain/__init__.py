@@ -16,6 +16,8 @@ from medxai.explain.hirescam import HiResCAM
 from medxai.explain.layercam import LayerCAM
 from medxai.explain.overlay import overlay_heatmap, save_heatmap_npy, save_overlay
 from medxai.explain.score_cam import ScoreCAM
+from medxai.explain.ensemble import EnsembleCAM  # noqa: E402  isort: skip
+from medxai.models.ensemble import EnsembleModel
 from medxai.explain.targets import (
     BinaryLogitTarget,
     ClassTarget,
@@ -38,6 +40,7 @@ __all__ = [
     "CAMResult",
     "CAM_METHODS",
     "get_cam_method",
+    "build_cam",
     "Target",
     "ClassTarget",
     "PredictedClassTarget",
@@ -74,3 +77,12 @@ def get_cam_method(name: str) -> type[BaseCAM]:
         return CAM_METHODS[key]
     except KeyError:
         raise ConfigError(f"unknown CAM method {name!r}; available: {', '.join(sorted(CAM_METHODS))}") from None
+
+
+def build_cam(model, method: str, layer: str | list[str] | None):
+    """The CAM of ``method`` for ``model`` at ``layer``; for an ensemble, each member at its own layer averaged
+    (:class:`~medxai.explain.ensemble.EnsembleCAM`; ``layer`` is then ignored)."""
+    cam_class = get_cam_method(method)
+    if isinstance(model, EnsembleModel):
+        return EnsembleCAM(cam_class, model)
+    return cam_class(model, layer or model.cam_layer)

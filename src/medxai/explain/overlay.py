@@ -17,7 +17,7 @@ import matplotlib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from medxai.errors import ConfigError
@@ -120,8 +120,23 @@ def overlay_heatmap(
     return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
 
 
+def add_banner(rgb: np.ndarray, text: str) -> np.ndarray:
+    """``rgb`` (H, W, 3) uint8 with a red strip and white ``text`` across its top (a warning no viewer can miss:
+    an out-of-domain input). The strip is 1/12 of the height, at least 14 px; the text is Pillow's default font,
+    sized to the strip."""
+    height, width = rgb.shape[:2]
+    strip = max(14, height // 12)
+    picture = Image.fromarray(rgb.copy())
+    draw = ImageDraw.Draw(picture)
+    draw.rectangle([0, 0, width, strip], fill=(200, 0, 0))
+    font = ImageFont.load_default(size=max(8, int(strip * 0.6)))
+    draw.text((max(2, strip // 4), strip // 2), text, fill=(255, 255, 255), font=font, anchor="lm")
+    return np.asarray(picture)
+
+
 def save_overlay(
-    path: str | PathLike[str], image: np.ndarray, heatmap: np.ndarray | Tensor, **kwargs: object
+    path: str | PathLike[str], image: np.ndarray, heatmap: np.ndarray | Tensor, *, banner: str | None = None,
+    **kwargs: object,
 ) -> Path:
     """Write :func:`overlay_heatmap` as a PNG, creating parent folders.
 
@@ -129,6 +144,7 @@ def save_overlay(
         path: destination file (written as PNG whatever its suffix).
         image: the original image.
         heatmap: ``(h, w)`` map in [0, 1].
+        banner: a warning written across the top (:func:`add_banner`), e.g. for an out-of-domain input.
         **kwargs: ``colormap``, ``alpha``, ``crop_box`` as for :func:`overlay_heatmap`.
 
     Returns:
@@ -136,7 +152,10 @@ def save_overlay(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(overlay_heatmap(image, heatmap, **kwargs)).save(path, format="PNG")  # type: ignore[arg-type]
+    rgb = overlay_heatmap(image, heatmap, **kwargs)  # type: ignore[arg-type]
+    if banner:
+        rgb = add_banner(rgb, banner)
+    Image.fromarray(rgb).save(path, format="PNG")
     logger.debug("wrote overlay %s", path)
     return path
 

@@ -31,6 +31,8 @@ from medxai.data import Record, Source, open_source
 from medxai.data.labels import match_labels
 from medxai.data.prepared import PreparedSplit, prepare_split
 from medxai.errors import ConfigError, DataError
+from medxai.evaluate.calibration import LogitCalibrator, card_calibrator
+from medxai.evaluate.domain import DomainGuard, summarize_verdicts
 from medxai.evaluate.summary import summarize_split
 from medxai.models.card import ModelCard
 from medxai.report.html import build_report
@@ -43,6 +45,7 @@ from medxai.report.plots import (
 )
 from medxai.run_folder import TRAINING_CURVES, EvaluationFolder, RunFolder
 from medxai.train import BatchContext, predict_split
+from medxai.train.loop import predict_split_with_features
 
 __all__ = [
     "evaluate_run",
@@ -68,6 +71,7 @@ class SplitEvaluation:
     logits: torch.Tensor
     labels: torch.Tensor
     ids: list[str]
+    domain_scores: torch.Tensor | None = None  # (N,) of the labelled rows, when the run has a domain guard
 
 
 @dataclass
@@ -124,7 +128,7 @@ def evaluate_run(
                              description=f"{split} ({data})")
     training = run.training_config()
     context = BatchContext(classifier.preprocessor, classifier.device, classifier.batch_size)
-    evaluation = evaluate_prepared(classifier.model, prepared, split, card, context,
+    evaluation = evaluate_prepared(classifier.model, prepared, split, card, context, guard=classifier.guard,
                                    resamples=training.bootstrap_resamples, seed=training.seed)
     folder.write_metrics({split: evaluation.metrics})
     folder.write_skipped(prepared.skipped)
@@ -227,13 +231,19 @@ def evaluate_prepared(
     context: BatchContext,
     *,
     logits: torch.Tensor | None = None,
+    guard: DomainGuard | None = None,
     resamples: int = TrainConfig.bootstrap_resamples,
     seed: int = TrainConfig.seed,
 ) -> SplitEvaluation:
     """Metrics of one split (``metrics.json`` schema: :mod:`medxai.evaluate.summary`): at the argmax, with bootstrap
-    intervals, at the card's operating threshold, and calibration with the card's temperature. ``logits`` are the
-    split's logits when already computed."""
-    if logits is None:
+    intervals, at the card's operating threshold, and calibration with the card's calibration. ``logits`` are the
+    split's logits when already computed. With a ``guard``, ``metrics["domain"]`` says how many images it marks
+    out of domain (:func:`~medxai.evaluate.domain.summarize_verdicts`); the metrics themselves cover every image."""
+    verdicts = None
+    if guard is not None:
+        logits, features = predict_split_with_features(model, split, context, guard.layers)
+        verdicts = guard.verdicts(guard.scores(features), split.facts or [None] * len(split))
+    elif logits is None:
         logits = predict_split(model, split, context)
     known = split.labels >= 0
     if not bool(known.any()):
@@ -243,13 +253,17 @@ def evaluate_prepared(
         logits[known],
         label_names=card.label_names,
         positive_index=card.positive_index,
-        temperature=float(card.temperature or 1.0),
+        calibrator=card_calibrator(card),
         threshold=(card.threshold or {}).get("value") if card.is_binary else None,
         resamples=resamples,
         seed=seed,
     )
     ids = [sample_id for sample_id, labelled in zip(split.ids, known.tolist()) if labelled]
-    return SplitEvaluation(name, metrics, logits[known], split.labels[known], ids)
+    domain_scores = None
+    if verdicts is not None:
+        metrics["domain"] = summarize_verdicts(verdicts)
+        domain_scores = torch.tensor([verdict.score for verdict in verdicts])[known]
+    return SplitEvaluation(name, metrics, logits[known], split.labels[known], ids, domain_scores)
 
 
 def write_figures(
@@ -269,9 +283,16 @@ def write_figures(
         _write_split_figures(folder, evaluation, card)
 
 
+def _is_identity(calibrator: LogitCalibrator) -> bool:
+    """Whether the calibration leaves logits as they are (none, or a temperature of 1 without bias)."""
+    return calibrator.method == "none" or (
+        calibrator.method == "temperature" and calibrator.temperature_ == 1.0 and calibrator.bias_ is None)
+
+
 def _write_split_figures(folder: EvaluationFolder, evaluation: SplitEvaluation, card: ModelCard) -> None:
     split, labels = evaluation.split, evaluation.labels.numpy()
-    probabilities = torch.softmax(evaluation.logits / card.temperature, dim=1).numpy()
+    calibrator = card_calibrator(card)
+    probabilities = torch.softmax(calibrator.transform(evaluation.logits), dim=1).numpy()
     positive = card.positive_index
     plot_confusion_matrix(
         np.array(evaluation.metrics["confusion_matrix"]), card.label_names,
@@ -285,7 +306,8 @@ def _write_split_figures(folder: EvaluationFolder, evaluation: SplitEvaluation, 
                           positive_index=positive)
     plot_reliability_diagram(
         labels, probabilities, folder.figure_path("reliability", split),
-        uncalibrated_probabilities=torch.softmax(evaluation.logits, dim=1).numpy() if card.temperature != 1.0 else None,
+        uncalibrated_probabilities=(torch.softmax(evaluation.logits, dim=1).numpy()
+                                    if not _is_identity(calibrator) else None),
         class_index=positive if card.is_binary else None,
         class_name=card.label_names[positive] if card.is_binary else None,
         title=f"Reliability diagram ({split}, n={evaluation.metrics['n']})",

@@ -35,7 +35,7 @@ def write_gallery(
     out_dir = run.heatmaps_dir
     per_outcome = explain.per_outcome
     by_id = {record.id: record for record in records}
-    probabilities = torch.softmax(evaluation.logits / classifier.card.temperature, dim=1)
+    probabilities = classifier.probabilities(evaluation.logits)
     predicted = classifier.decide(probabilities)
     chosen: list[tuple[str, str]] = []  # (outcome, id)
     for outcome, mask in _outcomes(evaluation.labels, predicted, classifier.card).items():

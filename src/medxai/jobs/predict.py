@@ -22,10 +22,16 @@ from medxai.config import ExplainConfig, InferenceConfig
 from medxai.data.dicom_sc import is_dicom_file, write_secondary_capture
 from medxai.errors import ConfigError, InvalidImageError
 from medxai.explain import save_overlay
+from medxai.explain.tta import parse_tta
 from medxai.jobs.names import InputFile, InputNames
 from medxai.run_folder import PREDICTIONS_FILE, SKIPPED_FILE, write_skipped
 
-__all__ = ["predict_files", "explain_files", "BatchResult", "ExplainedFile", "DicomOutput"]
+__all__ = ["predict_files", "explain_files", "BatchResult", "ExplainedFile", "DicomOutput", "OOD_ACTIONS"]
+
+#: What ``--ood-action`` does with an input the domain guard marks out of domain: keep it, marked (``in_domain``
+#: false in every output, a banner on its overlay), or leave it out of the results and list it in skipped.csv.
+OOD_ACTIONS = ("mark", "skip")
+OUT_OF_DOMAIN_BANNER = "OUT OF DOMAIN: not the kind of image this model was trained on"
 
 logger = logging.getLogger(__name__)
 
@@ -72,19 +78,28 @@ def predict_files(
     out: str | Path | None = None,
     hash_names: bool = False,
     inference: InferenceConfig | None = None,
+    ood_action: str = "mark",
+    tta: Sequence[str] = (),
 ) -> BatchResult:
-    """Classify files and folders; with ``out``, write ``predictions.csv`` and ``skipped.csv`` there."""
+    """Classify files and folders; with ``out``, write ``predictions.csv`` and ``skipped.csv`` there.
+
+    Args:
+        ood_action: see :data:`OOD_ACTIONS`.
+        tta: test-time augmentation views (:mod:`medxai.explain.tta`).
+    """
     inference = inference or InferenceConfig()
+    _check_ood_action(ood_action)
     names = InputNames(items, hash_names=hash_names)
     with names.redacted_logs():
-        classifier = Classifier.from_run(run_dir, device=inference.device, batch_size=inference.batch_size)
+        classifier = Classifier.from_run(run_dir, device=inference.device, batch_size=inference.batch_size, tta=tta)
         result = BatchResult(classifier, len(names), skipped=list(names.skipped))
 
         def predict(files: list[InputFile]) -> list[Prediction]:
             return classifier.predict([file.path for file in files], ids=[file.name for file in files])
 
         predictions, skipped = _batched(names, predict, _chunk(classifier))
-        result.predictions, result.skipped = predictions, result.skipped + skipped
+        predictions, out_of_domain = _apply_ood_action(predictions, ood_action, lambda item: item)
+        result.predictions, result.skipped = predictions, result.skipped + skipped + out_of_domain
         if out is not None:
             folder = Path(out)
             folder.mkdir(parents=True, exist_ok=True)
@@ -103,21 +118,26 @@ def explain_files(
     hash_names: bool = False,
     dicom: DicomOutput = DicomOutput(),
     inference: InferenceConfig | None = None,
+    ood_action: str = "mark",
 ) -> BatchResult:
     """Write a heatmap overlay (PNG, at each image's original resolution) per input into ``out``, plus
     ``skipped.csv``; raw maps as ``.npy`` with ``explain.save_npy``; DICOM Secondary Captures with ``dicom``.
 
-    Each overlay explains the label the run's decision rule reports, unless ``target`` names a class.
+    Each overlay explains the label the run's decision rule reports, unless ``target`` names a class. An input the
+    domain guard marks out of domain gets a red banner across its overlay (``ood_action="mark"``) or is listed in
+    ``skipped.csv`` instead (``"skip"``). ``explain.tta`` averages probabilities and maps over test-time views.
     """
     explain = explain or ExplainConfig()
     inference = inference or InferenceConfig()
+    _check_ood_action(ood_action)
     if dicom.copy_patient and dicom.deidentify:
         raise ConfigError("--dicom-sc-copy-patient and --dicom-sc-deidentify contradict each other; choose one")
     names = InputNames(items, hash_names=hash_names)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     with names.redacted_logs():
-        classifier = Classifier.from_run(run_dir, device=inference.device, batch_size=inference.batch_size)
+        classifier = Classifier.from_run(run_dir, device=inference.device, batch_size=inference.batch_size,
+                                         tta=parse_tta(explain.tta))
         result = BatchResult(classifier, len(names), skipped=list(names.skipped))
         stems = {file.name: file for file in names.files}
 
@@ -126,7 +146,8 @@ def explain_files(
                                       method=explain.method, target=target, layer=explain.layer)
 
         explanations, skipped = _batched(names, explain_batch, _chunk(classifier))
-        result.skipped += skipped
+        explanations, out_of_domain = _apply_ood_action(explanations, ood_action, lambda item: item.prediction)
+        result.skipped += skipped + out_of_domain
         for explanation in explanations:
             result.explained.append(_write_outputs(explanation, stems[explanation.prediction.id], folder, explain,
                                                    dicom))
@@ -137,8 +158,9 @@ def explain_files(
 def _write_outputs(
     explanation: Explanation, file: InputFile, folder: Path, explain: ExplainConfig, dicom: DicomOutput
 ) -> ExplainedFile:
+    banner = OUT_OF_DOMAIN_BANNER if explanation.prediction.in_domain is False else None
     overlay = save_overlay(folder / f"{file.stem}.png", explanation.image, explanation.heatmap,
-                           colormap=explain.colormap, alpha=explain.alpha)
+                           colormap=explain.colormap, alpha=explain.alpha, banner=banner)
     written = ExplainedFile(explanation, overlay)
     if explain.save_npy:
         np.save(folder / f"{file.stem}.npy", explanation.heatmap)
@@ -154,6 +176,28 @@ def _write_outputs(
         except InvalidImageError as error:  # the PNG overlay stands; only the DICOM copy is missing
             logger.warning("no DICOM secondary capture for %s: %s", file.name, error.reason)
     return written
+
+
+def _check_ood_action(action: str) -> None:
+    if action not in OOD_ACTIONS:
+        raise ConfigError(f"--ood-action must be one of {list(OOD_ACTIONS)}, got {action!r}")
+
+
+def _apply_ood_action(results: list, action: str, prediction_of: Callable) -> tuple[list, list[tuple[str, str]]]:
+    """Keep every result (``mark``), or move the out-of-domain ones to the skipped list with the guard's reasons."""
+    if action == "mark":
+        return results, []
+    kept, skipped = [], []
+    for item in results:
+        prediction = prediction_of(item)
+        if prediction.in_domain is False:
+            skipped.append((prediction.id, "out of domain: " + "; ".join(prediction.domain_reasons)))
+        else:
+            kept.append(item)
+    if skipped:
+        logger.warning("%d input(s) out of the training domain left out (--ood-action skip); see skipped.csv",
+                       len(skipped))
+    return kept, skipped
 
 
 def _chunk(classifier: Classifier, most: int = 32) -> int:
@@ -183,7 +227,11 @@ def _batched(names: InputNames, function: Callable[[list[InputFile]], list], chu
 def _write_predictions_csv(path: Path, predictions: Sequence[Prediction], label_names: Sequence[str]) -> None:
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["file", "prediction", *(f"p_{name}" for name in label_names), "decision_rule"])
+        writer.writerow(["file", "prediction", *(f"p_{name}" for name in label_names), "decision_rule",
+                         "in_domain", "domain_score", "domain_reasons"])
         for prediction in predictions:
             writer.writerow([prediction.id, prediction.label,
-                             *(prediction.probabilities[name] for name in label_names), prediction.decision_rule])
+                             *(prediction.probabilities[name] for name in label_names), prediction.decision_rule,
+                             "" if prediction.in_domain is None else str(prediction.in_domain).lower(),
+                             "" if prediction.domain_score is None else prediction.domain_score,
+                             "; ".join(prediction.domain_reasons)])

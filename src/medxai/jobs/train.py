@@ -31,9 +31,12 @@ from medxai.data.preprocess import Preprocessor, channel_statistics
 from medxai.data.splits import SplitPlan, plan_splits
 from medxai.errors import ConfigError, DataError
 from medxai.evaluate import classification_metrics, roc_auc
-from medxai.evaluate.calibration import TemperatureScaler
+from medxai.evaluate.calibration import CALIBRATION_METHODS, LogitCalibrator, card_calibrator
 from medxai.evaluate.thresholds import THRESHOLD_METHODS, choose_threshold
-from medxai.jobs.evaluate import evaluate_prepared, write_figures
+from medxai.data.input_profile import InputProfile, image_facts
+from medxai.evaluate.domain import DomainGuard, fit_domain_guard, summarize_verdicts, synthetic_probes
+from medxai.jobs.evaluate import SplitEvaluation, evaluate_prepared, write_figures
+from medxai.report.plots import plot_domain_scores
 from medxai.jobs.gallery import write_gallery
 from medxai.models import create_model
 from medxai.models.card import ModelCard
@@ -41,8 +44,11 @@ from medxai.models.checkpoint import save_weights
 from medxai.report.html import build_report
 from medxai.run_folder import RunFolder, check_folder_name
 from medxai.train import BatchContext, fit, predict_split, resolve_device
+from medxai.train.loop import predict_split_with_features
 
-__all__ = ["train_run", "resume_config", "score_function", "fit_operating_point", "RESUMABLE_KEYS"]
+__all__ = [
+    "train_run", "finish_run", "resume_config", "score_function", "fit_operating_point", "RESUMABLE_KEYS",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -137,27 +143,51 @@ def train_run(config: RunConfig, *, resume: bool = False, overwrite: bool = Fals
     )
     monitor = "auc" if config.train.monitor == "auto" else config.train.monitor
     logger.info("best epoch %d, validation %s %.4f", result.best_epoch, monitor, result.best_score)
-    val_logits = fit_operating_point(result.model, prepared["val"], card, context, config)
+    finish_run(run, result.model, card, prepared, source, plan.splits, context, config)
+    return run.path
+
+
+def finish_run(
+    run: RunFolder,
+    model: torch.nn.Module,
+    card: ModelCard,
+    prepared: dict[str, PreparedSplit],
+    source: Source,
+    records: dict[str, list[Record]],
+    context: BatchContext,
+    config: RunConfig,
+) -> None:
+    """Everything after the weights are final, for a trained run and an ensemble alike: calibration and threshold
+    on validation, the domain guard, the weights with their card, metrics of every split but train, figures, the
+    gallery and the report."""
+    val_logits = fit_operating_point(model, prepared["val"], card, context, config)
+    guard = _fit_domain_guard(model, prepared, context, config)
+    if guard is not None:
+        guard.save(run.domain_guard_path)
+        card.domain = guard.describe()
     run.write_card(card)
-    # The weights' own copy of the card gets the temperature and threshold too (it travels without the run folder).
-    save_weights(result.model, card, run.weights_path("best"))
+    # The weights' own copy of the card gets the calibration and threshold too (it travels without the run folder).
+    save_weights(model, card, run.weights_path("best"))
     evaluations = [
         evaluate_prepared(
-            result.model, prepared[name], name, card, context, logits=val_logits if name == "val" else None,
-            resamples=config.train.bootstrap_resamples, seed=config.train.seed,
+            model, prepared[name], name, card, context, logits=val_logits if name == "val" else None,
+            guard=guard, resamples=config.train.bootstrap_resamples, seed=config.train.seed,
         )
         for name in prepared
         if name != "train"
     ]
-    run.write_metrics({evaluation.split: evaluation.metrics for evaluation in evaluations})
     final = next((item for item in evaluations if item.split == "test"), evaluations[-1])
+    if guard is not None:
+        card.domain["probes"] = _probe_domain_guard(model, guard, prepared[final.split], final, context, run,
+                                                    config.train.seed)
+    run.write_metrics({evaluation.split: evaluation.metrics for evaluation in evaluations})
     card.metrics = {"split": final.split, **_summary(final.metrics)}
     run.write_card(card)
-    write_figures(run, evaluations, card, history=run.read_history())
-    classifier = Classifier(result.model, card, device=config.train.device)
-    write_gallery(classifier, source, plan.splits[final.split], final, run, config.explain)
+    history = run.read_history() if run.history_path.is_file() else None
+    write_figures(run, evaluations, card, history=history)
+    classifier = Classifier(model, card, device=config.train.device, guard=guard)
+    write_gallery(classifier, source, records[final.split], final, run, config.explain)
     build_report(run.path)
-    return run.path
 
 
 def resume_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
@@ -262,14 +292,17 @@ def fit_operating_point(
     logits = predict_split(model, val, context)
     known = val.labels >= 0
     labels = val.labels[known]
-    if config.train.temperature_scaling:
+    if config.train.temperature_scaling and config.train.calibration != "none":
         try:
-            card.temperature = TemperatureScaler().fit(logits[known], labels).temperature_
+            calibrator = LogitCalibrator(config.train.calibration).fit(logits[known], labels)
         except ValueError as error:
-            logger.warning("temperature not fitted (%s); keeping 1.0", error)
+            logger.warning("calibration not fitted (%s); probabilities stay uncalibrated", error)
+        else:
+            card.calibration = calibrator.to_dict()
+            card.temperature = calibrator.temperature_
     method = config.train.threshold_method
     if card.is_binary and method != "argmax":
-        probabilities = torch.softmax(logits[known].double() / float(card.temperature), dim=1)
+        probabilities = torch.softmax(card_calibrator(card).transform(logits[known].double()), dim=1)
         try:
             chosen = choose_threshold(
                 (labels == card.positive_index).numpy(), probabilities[:, card.positive_index].numpy(),
@@ -285,8 +318,67 @@ def fit_operating_point(
     return logits
 
 
+def _fit_domain_guard(
+    model: torch.nn.Module, prepared: dict[str, PreparedSplit], context: BatchContext, config: RunConfig
+) -> DomainGuard | None:
+    """Fit the out-of-domain guard (:mod:`medxai.evaluate.domain`) on un-augmented train images (a seeded subset of
+    at most ``domain.max_train_images``) and threshold it on validation; None when turned off or impossible."""
+    settings = config.domain
+    layers = list(getattr(model, "stage_layers", ()))
+    if not settings.enabled:
+        return None
+    if not layers:
+        logger.warning("no domain guard: %s declares no stages", config.model.name)
+        return None
+    train = _subset(prepared["train"], settings.max_train_images, config.train.seed)
+    _, train_features = predict_split_with_features(model, train, context, layers)
+    _, val_features = predict_split_with_features(model, prepared["val"], context, layers)
+    profile = InputProfile.fit(train.facts, input_size=config.preprocess.size,
+                               modalities=settings.modalities, body_parts=settings.body_parts)
+    try:
+        return fit_domain_guard(train_features, train.labels, val_features, profile,
+                                false_alarm_rate=settings.false_alarm_rate, shrinkage=settings.shrinkage)
+    except (ValueError, RuntimeError) as error:  # e.g. a singular covariance on tiny data
+        logger.warning("no domain guard: it could not be fitted (%s)", error)
+        return None
+
+
+def _subset(split: PreparedSplit, limit: int, seed: int) -> PreparedSplit:
+    if len(split) <= limit:
+        return split
+    keep = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:limit].sort().values
+    return PreparedSplit(
+        images=split.images[keep], labels=split.labels[keep], ids=[split.ids[i] for i in keep.tolist()],
+        boxes=[split.boxes[i] for i in keep.tolist()], facts=[split.facts[i] for i in keep.tolist()],
+    )
+
+
+def _probe_domain_guard(
+    model: torch.nn.Module, guard: DomainGuard, split: PreparedSplit, evaluation: SplitEvaluation,
+    context: BatchContext, run: RunFolder, seed: int, count: int = 256,
+) -> dict[str, Any]:
+    """Score synthetic probes (:func:`~medxai.evaluate.domain.synthetic_probes`) made from ``split``; return their
+    flag rates (for the model card) and draw their scores beside the split's in the ``domain_scores`` figure."""
+    probes = synthetic_probes(split.images[:count], seed=seed)
+    groups = {f"{evaluation.split} split": evaluation.domain_scores.numpy()}
+    rates = {}
+    for name, images in probes.items():
+        probe = PreparedSplit(images=images, labels=torch.full((len(images),), -1), ids=[name] * len(images),
+                              boxes=[], facts=[image_facts(image.permute(1, 2, 0).numpy(), image) for image in images])
+        _, features = predict_split_with_features(model, probe, context, guard.layers)
+        verdicts = guard.verdicts(guard.scores(features), probe.facts)
+        groups[f"probe: {name}"] = [verdict.score for verdict in verdicts]
+        rates[name] = summarize_verdicts(verdicts)
+    plot_domain_scores(groups, guard.z_threshold, run.figure_path("domain_scores", evaluation.split),
+                       title=f"Out-of-domain guard: {evaluation.split} split and synthetic probes")
+    return rates
+
+
 def _check_operating_point_options(config: RunConfig) -> None:
     """Fail before training, not after it, on an operating-point option that cannot work."""
+    if config.train.calibration not in CALIBRATION_METHODS:
+        raise ConfigError(f"train.calibration must be one of {list(CALIBRATION_METHODS)}, "
+                          f"got {config.train.calibration!r}")
     methods = (*THRESHOLD_METHODS, "argmax")
     if config.train.threshold_method not in methods:
         raise ConfigError(
@@ -368,6 +460,7 @@ def _drop_test_duplicates(prepared: dict[str, PreparedSplit], data_check: dict[s
         prepared["test"] = PreparedSplit(
             images=test.images[index], labels=test.labels[index], ids=[test.ids[i] for i in keep],
             boxes=[test.boxes[i] for i in keep], skipped=test.skipped,
+            facts=[test.facts[i] for i in keep] if test.facts else [],
         )
         logger.warning("drop_test_duplicates: dropped %d of %d test images duplicated in train; %d remain",
                        len(test) - len(keep), len(test), len(keep))

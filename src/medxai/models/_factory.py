@@ -88,6 +88,7 @@ def create_model(
     model = spec.builder(num_classes=num_classes, in_chans=in_chans, input_size=size, dropout=dropout, **kwargs)
     model.architecture = spec.name
     model.cam_layer = spec.resolve_cam_layer(size)
+    model.stage_layers = spec.resolve_stages(size)
     model.classifier_name = spec.classifier
     model.num_classes = num_classes
     model.in_chans = in_chans

@@ -37,6 +37,9 @@ class ModelSpec:
         pretrained_source: where ImageNet weights come from, e.g. ``"torchvision:ResNet18_Weights.IMAGENET1K_V1"``;
             ``None`` when the architecture has none.
         description: one line for ``medxai models``-style listings.
+        stages: names of the modules whose outputs end the network's stages (resolution levels), shallow to deep,
+            or a function of the input size giving them; the out-of-domain guard (:mod:`medxai.evaluate.domain`)
+            models their feature statistics, from low-level texture to the CAM layer's semantics.
     """
 
     name: str
@@ -46,6 +49,11 @@ class ModelSpec:
     default_input_size: int
     pretrained_source: str | None
     description: str
+    stages: tuple[str, ...] | Callable[[int], tuple[str, ...]] = ()
+
+    def resolve_stages(self, input_size: int) -> tuple[str, ...]:
+        """The stage modules' names for a model built for ``input_size`` pixel inputs."""
+        return tuple(self.stages(input_size) if callable(self.stages) else self.stages)
 
     def resolve_cam_layer(self, input_size: int) -> str:
         """The CAM layer's module name for a model built for ``input_size`` pixel inputs."""
@@ -60,6 +68,7 @@ def register_model(
     default_input_size: int,
     pretrained_source: str | None = None,
     description: str = "",
+    stages: tuple[str, ...] | Callable[[int], tuple[str, ...]] = (),
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator registering a model builder under ``name``.
 
@@ -70,6 +79,7 @@ def register_model(
         default_input_size: see :class:`ModelSpec`.
         pretrained_source: see :class:`ModelSpec`.
         description: one line; the builder's docstring summary when empty.
+        stages: see :class:`ModelSpec`.
 
     Returns:
         A decorator that registers the builder and returns it unchanged.
@@ -90,6 +100,7 @@ def register_model(
             default_input_size=default_input_size,
             pretrained_source=pretrained_source,
             description=summary,
+            stages=stages,
         )
         return builder
 

@@ -50,6 +50,12 @@ class ModelCard:
     positive_label: str | None = None
     temperature: float = 1.0
     threshold: dict[str, Any] = field(default_factory=lambda: {"value": None, "method": "argmax"})
+    # Post-hoc calibration of the logits (medxai.evaluate.calibration.LogitCalibrator.to_dict()); None: the
+    # temperature above alone (older cards).
+    calibration: dict[str, Any] | None = None
+    domain: dict[str, Any] = field(default_factory=dict)  # the out-of-domain guard's facts, {} when there is none
+    # An ensemble's members: [{"run": path, "architecture", "cam_layer"}...] (medxai.jobs.ensemble); [] otherwise.
+    members: list[dict[str, Any]] = field(default_factory=list)
     train_data: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     intended_use: str = DEFAULT_INTENDED_USE

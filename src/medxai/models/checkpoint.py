@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from medxai.errors import CheckpointError
 from medxai.models._factory import create_model
 from medxai.models.card import ModelCard
+from medxai.models.ensemble import ENSEMBLE_ARCHITECTURE, EnsembleModel
 
 __all__ = [
     "save_weights",
@@ -51,7 +52,10 @@ def save_weights(model: torch.nn.Module, card: ModelCard, path: str | Path) -> P
 
 
 def build_from_card(card: ModelCard) -> torch.nn.Module:
-    """A freshly initialised model of the card's architecture (no pretrained download)."""
+    """A freshly initialised model of the card's architecture (no pretrained download); an ensemble's card builds
+    each member from the member card it holds."""
+    if card.architecture == ENSEMBLE_ARCHITECTURE:
+        return EnsembleModel([build_from_card(ModelCard.from_dict(member["card"])) for member in card.members])
     return create_model(
         card.architecture,
         num_classes=card.num_classes,

@@ -43,6 +43,7 @@ class DenseNet(tv_densenet.DenseNet):
     "densenet121",
     cam_layer="features.relu5",
     classifier="classifier.1",
+    stages=("features.denseblock1", "features.denseblock2", "features.denseblock3", "features.relu5"),
     default_input_size=224,
     pretrained_source="torchvision:DenseNet121_Weights.IMAGENET1K_V1",
     description="DenseNet-121 (Huang et al. 2017), CheXNet's backbone, torchvision; small-image stem at <= 64 px",

@@ -30,6 +30,7 @@ _DEFAULT_DROP_PATH_RATE = 0.2
     "efficientnet_b0",
     cam_layer="features.8",
     classifier="classifier.1",
+    stages=("features.2", "features.3", "features.5", "features.8"),
     default_input_size=224,
     pretrained_source="torchvision:EfficientNet_B0_Weights.IMAGENET1K_V1",
     description="EfficientNet-B0 (Tan & Le 2019), torchvision; stride-1 stem at <= 64 px",

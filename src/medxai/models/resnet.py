@@ -41,7 +41,10 @@ def _build(
     return model
 
 
-_COMMON = {"cam_layer": "layer4", "classifier": "fc.1", "default_input_size": 224}
+_COMMON = {
+    "cam_layer": "layer4", "classifier": "fc.1", "default_input_size": 224,
+    "stages": ("layer1", "layer2", "layer3", "layer4"),
+}
 
 
 @register_model(

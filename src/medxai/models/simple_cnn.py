@@ -102,6 +102,7 @@ class SimpleCNN(nn.Module):
     "simple_cnn",
     cam_layer=lambda input_size: f"features.block{num_blocks_for(input_size)}",
     classifier="head.fc",
+    stages=lambda input_size: tuple(f"features.block{index}" for index in range(1, num_blocks_for(input_size) + 1)),
     default_input_size=28,
     description="Plain VGG-style CNN of the founding paper (3-5 conv blocks by input size); fast on CPU at 28 px",
 )

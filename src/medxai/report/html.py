@@ -255,6 +255,7 @@ def _render_page(files: _RunFiles, images: _ImageEncoder) -> str:
         ("confusion", "Confusion matrices", _confusion_section),
         ("roc-pr", "ROC and precision-recall curves", _roc_pr_section),
         ("calibration", "Calibration", _calibration_section),
+        ("domain", "Inputs outside the training domain", _domain_section),
         ("evaluations", "Evaluations", _evaluations_section),
         ("gallery", "Grad-CAM gallery", _gallery_section),
         ("explanations", "Explanation quality", _explanations_section),
@@ -575,7 +576,12 @@ def _calibration_section(files: _RunFiles, images: _ImageEncoder) -> str:
     parts = []
     card = files.card or {}
     temperature = card.get("temperature")
-    if temperature is not None:
+    method = (card.get("calibration") or {}).get("method", "temperature")
+    if method in ("bias", "vector"):
+        parts.append(f"<p>Calibration: <strong>{_e(method)} scaling</strong> fitted on the validation split "
+                     "(temperature plus per-class bias: Platt scaling of the log-odds; vector: per-class scale and "
+                     "bias, Guo et al. 2017).</p>")
+    elif temperature is not None:
         parts.append(f"<p>Temperature scaling (Guo et al. 2017), fitted on the validation split: T = "
                      f"<strong>{_number(temperature, 3)}</strong>"
                      + (" (T &gt; 1: the raw model was over-confident)." if temperature > 1.0 else
@@ -589,15 +595,26 @@ def _calibration_section(files: _RunFiles, images: _ImageEncoder) -> str:
         intervals = calibrated.get("ci95") or {}
         if calibrated:
             rows.append([split, _number(raw.get("ece"), 3), _cell(calibrated.get("ece"), intervals.get("ece")),
+                         _number(calibrated.get("ece_adaptive"), 3),
                          _number(raw.get("brier"), 3), _cell(calibrated.get("brier"), intervals.get("brier")),
                          _e(str(calibrated.get("ece_reading", "")))])
     if rows:
         any_entry = next(iter(files.metrics.values()))
         bins = (any_entry.get("calibration") or {}).get("n_bins", "?")
-        parts.append(_table(["split", "ECE before", "ECE after (95% CI)", "Brier before", "Brier after (95% CI)",
-                             "probability read"], rows, cls="metrics",
-                            caption=f"Expected calibration error ({bins} equal-width bins) and Brier score; lower "
-                                    "is better. Validation is where T was fitted (optimistic); test is honest."))
+        parts.append(_table(["split", "ECE before", "ECE after (95% CI)", "adaptive ECE after", "Brier before",
+                             "Brier after (95% CI)", "probability read"], rows, cls="metrics",
+                            caption=f"Expected calibration error ({bins} equal-width bins; adaptive: {bins} "
+                                    "equal-mass bins, Nixon et al. 2019) and Brier score; lower is better. "
+                                    "Validation is where the calibration was fitted (optimistic); test is honest."))
+    worse_than_val = [split for split in _splits(files.metrics) if split != "val" and "val" in files.metrics
+                      and _calibration_value(files.metrics[split]) > _calibration_value(files.metrics["val"]) + 0.02]
+    if worse_than_val:
+        parts.append(_note(
+            f"Calibration on {', '.join(worse_than_val)} is worse than on validation. Calibration fitted on "
+            "validation holds where the data are alike; a test set from another time, scanner or population, or "
+            "with another prevalence of the positive class, shifts probabilities in ways no validation fit can "
+            "foresee (Ovadia et al., NeurIPS 2019). Ensembles of independently trained models degrade least under "
+            "such shift; the out-of-domain section below says how far the test images lie from the training ones."))
     worse = [split for split in _splits(files.metrics)
              if split != "val" and _rose(files.metrics[split], "ece")]
     if worse:
@@ -611,6 +628,51 @@ def _calibration_section(files: _RunFiles, images: _ImageEncoder) -> str:
     if figures:
         parts.append('<div class="row">' + "".join(figures) + "</div>")
     return "\n".join(parts) or _note("No calibration results in this run folder.")
+
+
+def _calibration_value(entry: Mapping[str, Any]) -> float:
+    value = (entry.get("calibration") or {}).get("ece")
+    return float(value) if isinstance(value, (int, float)) else float("nan")
+
+
+def _domain_section(files: _RunFiles, images: _ImageEncoder) -> str:
+    """The out-of-domain guard: what it is, how often it flags each split, the probes, and external evaluations."""
+    guard = (files.card or {}).get("domain") or {}
+    if not guard:
+        return _note("This run has no out-of-domain guard (domain.enabled false, or a run from before the guard existed): "
+                     "its predictions do not say when an input is unlike its training images.")
+    parts = [
+        "<p>Every prediction carries <code>in_domain</code> and <code>domain_score</code>. The score is a "
+        "Mahalanobis distance of the network's stage statistics to the training images' class means (Lee et al. "
+        f"2018), over {len(guard.get('layers', []))} stage(s), in standard deviations above its validation mean; "
+        f"above <strong>{_number(guard.get('z_threshold'), 2)}</strong> (a {guard.get('false_alarm_rate')} "
+        "false-alarm rate extrapolated from validation) an input is out of domain. Input checks that need no "
+        "model (DICOM modality and body part, colour, aspect ratio, size, intensity range) flag it too. "
+        "Out-of-domain predictions should not be trusted, whatever their probability.</p>"
+    ]
+    rows = []
+    for split in _splits(files.metrics):
+        entry = (files.metrics[split] or {}).get("domain") or {}
+        if entry:
+            rows.append([_e(split), str(entry.get("n")), str(entry.get("out_of_domain")), _number(entry.get("rate"), 3),
+                         _e(", ".join(f"{k}: {v}" for k, v in (entry.get("reasons") or {}).items()) or "-")])
+    for name, entry in (guard.get("probes") or {}).items():
+        rows.append([f"probe: {_e(name)}", str(entry.get("n")), str(entry.get("out_of_domain")),
+                     _number(entry.get("rate"), 3), "synthetic, made from test images"])
+    for folder, info, metrics in files.evaluations:
+        entry = (metrics.get(info.get("split")) or {}).get("domain") or {}
+        if entry:
+            rows.append([f"evaluation: {_e(folder.name)}", str(entry.get("n")), str(entry.get("out_of_domain")),
+                         _number(entry.get("rate"), 3), _e(str(info.get("kind", "")))])
+    if rows:
+        parts.append(_table(["data", "n", "out of domain", "share", "why"], rows, cls="metrics",
+                            caption="In-domain splits should be flagged rarely; probes and other kinds of image "
+                                    "almost always."))
+    figures = [_figure(files.run.figure_path("domain_scores", split), images, f"Domain scores, {split}")
+               for split in files.run.figure_splits("domain_scores")]
+    if figures:
+        parts.append('<div class="row">' + "".join(figures) + "</div>")
+    return "\n".join(parts)
 
 
 def _rose(entry: Mapping[str, Any], key: str) -> bool:

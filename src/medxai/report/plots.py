@@ -29,6 +29,7 @@ __all__ = [
     "plot_roc_curves",
     "plot_precision_recall",
     "plot_reliability_diagram",
+    "plot_domain_scores",
 ]
 
 logger = logging.getLogger(__name__)
@@ -247,6 +248,31 @@ def plot_precision_recall(
         title="Precision-recall curve" if is_binary else "Precision-recall curves (one-vs-rest)",
         legend_location="lower left",
     )
+    return _save(figure, out_path)
+
+
+def plot_domain_scores(
+    groups: Mapping[str, ArrayLike], threshold: float, out_path: str | Path, *, title: str = "Domain scores"
+) -> Path:
+    """Histograms of out-of-domain guard scores per group (in-domain test data, probes) with the threshold line.
+
+    Scores are clipped to a readable range (far-out probes would squash the in-domain histogram); the legend gives
+    each group's share above the threshold.
+    """
+    figure = Figure(figsize=(6.5, 4), dpi=FIGURE_DPI, layout="constrained")
+    axes = figure.subplots()
+    arrays = {name: np.asarray(values, dtype=np.float64) for name, values in groups.items() if len(values)}
+    high = max(threshold * 3.0, 10.0)
+    bins = np.linspace(-5.0, high, 60)
+    for name, values in arrays.items():
+        share = float((values > threshold).mean())
+        axes.hist(np.clip(values, bins[0], bins[-1]), bins=bins, alpha=0.55, density=True,
+                  label=f"{name} (n={len(values)}, {share:.0%} flagged)")
+    axes.axvline(threshold, color="black", linestyle="--", linewidth=1.2, label=f"threshold {threshold:.2f}")
+    axes.set_xlabel("domain score (validation standard deviations; clipped)")
+    axes.set_ylabel("density")
+    axes.set_title(title)
+    axes.legend(fontsize=8, loc="upper right")
     return _save(figure, out_path)
 
 

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from medxai.config import TrainConfig
 from medxai.data.augment import BatchAugmenter
@@ -22,7 +23,13 @@ from medxai.errors import ConfigError
 from medxai.models.card import ModelCard
 from medxai.models.checkpoint import load_training_state, load_weights, save_training_state, save_weights
 from medxai.run_folder import RunFolder
-from medxai.train.loop import BatchContext, mean_loss_and_accuracy, predict_split, train_one_epoch
+from medxai.train.loop import (
+    BatchContext,
+    mean_loss_and_accuracy,
+    predict_split,
+    recalibrate_batchnorm,
+    train_one_epoch,
+)
 
 __all__ = ["fit", "FitResult", "ScoreFunction"]
 
@@ -75,13 +82,39 @@ def build_scheduler(
 
 
 def build_loss(config: TrainConfig, train: PreparedSplit, num_classes: int, device: torch.device) -> torch.nn.Module:
-    """Cross-entropy, optionally weighted by inverse class frequency (N / (K n_k)) and label-smoothed."""
+    """Cross-entropy, optionally weighted by inverse class frequency (N / (K n_k)), label-smoothed, or on
+    prior-adjusted logits (``train.logit_adjustment``, :class:`LogitAdjustedLoss`)."""
     weight = None
+    counts = torch.tensor(train.class_counts(num_classes), dtype=torch.float32).clamp_min(1)
     if config.class_weighting:
-        counts = torch.tensor(train.class_counts(num_classes), dtype=torch.float32).clamp_min(1)
         weight = (counts.sum() / (num_classes * counts)).to(device)
         logger.info("class weights: %s", [round(value, 3) for value in weight.tolist()])
-    return torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
+    loss = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
+    if config.logit_adjustment:
+        prior = (counts / counts.sum()).to(device)
+        return LogitAdjustedLoss(loss, config.logit_adjustment * prior.log())
+    return loss
+
+
+class LogitAdjustedLoss(torch.nn.Module):
+    """``loss(z + offset, y)`` with ``offset = tau * log(prior)`` (Menon et al. 2021, the logit-adjusted loss)."""
+
+    def __init__(self, loss: torch.nn.Module, offset: torch.Tensor) -> None:
+        super().__init__()
+        self.loss = loss
+        self.register_buffer("offset", offset)
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.loss(logits + self.offset, labels)
+
+
+def build_ema(model: torch.nn.Module, config: TrainConfig) -> AveragedModel | None:
+    """The exponential moving average of the weights and buffers (``train.ema_decay``), or None when off."""
+    if not config.ema_decay:
+        return None
+    if not 0.0 < config.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay must lie in (0, 1) or be 0 (off), got {config.ema_decay}")
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
 
 
 def fit(
@@ -111,13 +144,19 @@ def fit(
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch)
     loss_fn = build_loss(config, train, card.num_classes, context.device)
+    ema = build_ema(model, config)
     state = {
         "epoch": 0, "history": [], "best_score": -math.inf, "best_val_loss": math.inf, "best_epoch": 0, "stale_epochs": 0,
     }
     if resume:
         resumed, _ = load_weights(run.weights_path("last"), card)
         model.load_state_dict(resumed.state_dict())
+        if ema is not None:  # before the RNG state is restored: building a model draws random numbers
+            averaged, _ = load_weights(run.weights_path("ema"), card)
+            ema.module.load_state_dict(averaged.state_dict())
         state.update(load_training_state(run.state_tensors_path, run.state_json_path, optimizer, scheduler))
+        if ema is not None:
+            ema.n_averaged.fill_(int(state.get("ema_updates", 1)))
         logger.info("resumed after epoch %d (best %.4f at epoch %d)", state["epoch"], state["best_score"], state["best_epoch"])
     else:
         torch.manual_seed(config.seed)
@@ -128,8 +167,12 @@ def fit(
         train_stats = train_one_epoch(
             model, train, context, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn,
             augmenter=augmenter, generator=generator, description=f"epoch {epoch}/{config.epochs}",
+            ema=ema,
         )
-        val_logits = predict_split(model, val, context)
+        evaluated = ema.module if ema is not None else model
+        if config.bn_recalibration_images:
+            recalibrate_batchnorm(evaluated, train, context, config.bn_recalibration_images, generator)
+        val_logits = predict_split(evaluated, val, context)
         val_stats = mean_loss_and_accuracy(val_logits, val.labels)
         score = score_fn(val_logits, val.labels)
         row = {
@@ -149,11 +192,14 @@ def fit(
         )
         if improved:
             state.update(best_score=score, best_val_loss=row["val_loss"], best_epoch=epoch, stale_epochs=0)
-            save_weights(model, card, run.weights_path("best"))
+            save_weights(evaluated, card, run.weights_path("best"))
         else:
             state["stale_epochs"] += 1
         state["epoch"] = epoch
         save_weights(model, card, run.weights_path("last"))
+        if ema is not None:
+            save_weights(ema.module, card, run.weights_path("ema"))
+            state["ema_updates"] = int(ema.n_averaged)
         save_training_state(run.state_tensors_path, run.state_json_path, optimizer, scheduler, state)
         run.write_history(state["history"])
         logger.info(
@@ -168,5 +214,5 @@ def fit(
             stopped_early = True
             break
     best, _ = load_weights(run.weights_path("best"), card)
-    model.load_state_dict(best.state_dict())
+    model.load_state_dict(best.state_dict())  # with EMA: the averaged weights of the best epoch
     return FitResult(model, state["history"], state["best_epoch"], state["best_score"], stopped_early)

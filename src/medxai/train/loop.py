@@ -11,9 +11,14 @@ from tqdm.auto import tqdm
 from medxai.data.augment import BatchAugmenter
 from medxai.data.prepared import PreparedSplit, iterate_batches
 from medxai.data.preprocess import Preprocessor
+from medxai.models.features import capture_stage_statistics
 from medxai.train._device import autocast_context
 
-__all__ = ["BatchContext", "train_one_epoch", "predict_split", "model_input", "mean_loss_and_accuracy"]
+__all__ = [
+    "BatchContext", "train_one_epoch", "predict_split", "predict_split_with_features", "recalibrate_batchnorm",
+    "model_input",
+    "mean_loss_and_accuracy",
+]
 
 
 @dataclass
@@ -49,6 +54,7 @@ def train_one_epoch(
     augmenter: BatchAugmenter,
     generator: torch.Generator,
     description: str = "train",
+    ema: torch.optim.swa_utils.AveragedModel | None = None,
 ) -> dict[str, float]:
     """One pass over ``split`` in a seeded random order; returns mean loss and accuracy on the augmented data."""
     model.train()
@@ -69,6 +75,8 @@ def train_one_epoch(
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
         total_loss += loss.detach() * labels.shape[0]
         correct += (logits.argmax(dim=1) == labels).sum()
         seen += labels.shape[0]
@@ -87,6 +95,44 @@ def predict_split(model: torch.nn.Module, split: PreparedSplit, context: BatchCo
     if not outputs:
         return torch.empty(0, 0)
     return torch.cat(outputs).cpu()
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(
+    model: torch.nn.Module, split: PreparedSplit, context: BatchContext, max_images: int, generator: torch.Generator
+) -> None:
+    """Re-estimate every BatchNorm's running mean and variance on un-augmented train images (a seeded random subset
+    of at most ``max_images``), as a cumulative average over those batches (``momentum=None``), as
+    ``torch.optim.swa_utils.update_bn`` does for SWA (Izmailov et al. 2018). The running statistics gathered during
+    training describe augmented images and weights of several steps ago; evaluation sees neither."""
+    norms = [module for module in model.modules() if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = {}
+    for norm in norms:
+        norm.reset_running_stats()
+        momenta[norm] = norm.momentum
+        norm.momentum = None
+    was_training = model.training
+    model.train()
+    order = torch.randperm(len(split), generator=generator)[:max_images]
+    for start in range(0, len(order), context.batch_size):
+        indices = order[start : start + context.batch_size]
+        with autocast_context(context.device, context.amp):
+            model(model_input(split.images[indices], context))
+    for norm, momentum in momenta.items():
+        norm.momentum = momentum
+    model.train(was_training)
+
+
+def predict_split_with_features(
+    model: torch.nn.Module, split: PreparedSplit, context: BatchContext, layers: list[str]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`predict_split` plus the stage statistics (:mod:`medxai.models.features`) of ``layers``, from the same
+    forward passes: ``(logits (N, K), {layer: (N, 2C)})`` on the CPU."""
+    with capture_stage_statistics(model, layers) as capture:
+        logits = predict_split(model, split, context)
+    return logits, capture.stacked()
 
 
 def mean_loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

@@ -300,6 +300,7 @@ def _read_frame(
         "mode": photometric,
         "original_size": [columns, rows],
         "modality": str(dataset.get("Modality", "") or ""),
+        "body_part": str(dataset.get("BodyPartExamined", "") or ""),
         "sop_class": sop_name,
         "transfer_syntax": transfer_syntax,
         "frames": frames,
