@@ -120,6 +120,10 @@ def overlay_heatmap(
     return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
 
 
+#: The banner across the overlay of an input the out-of-domain guard flagged.
+OUT_OF_DOMAIN_BANNER = "OUT OF DOMAIN: not the kind of image this model was trained on"
+
+
 def add_banner(rgb: np.ndarray, text: str) -> np.ndarray:
     """``rgb`` (H, W, 3) uint8 with a red strip and white ``text`` across its top (a warning no viewer can miss:
     an out-of-domain input). The strip is 1/12 of the height, at least 14 px; the text is Pillow's default font,

@@ -12,6 +12,7 @@ import torch
 from medxai.classifier import Classifier, Explanation
 from medxai.config import ExplainConfig
 from medxai.data import Record, Source
+from medxai.explain.overlay import OUT_OF_DOMAIN_BANNER, add_banner
 from medxai.jobs.evaluate import SplitEvaluation
 from medxai.models.card import ModelCard
 from medxai.run_folder import RunFolder, safe_file_stem
@@ -56,7 +57,8 @@ def write_gallery(
         prediction = explanation.prediction
         stem = f"{outcome}_{safe_file_stem(sample_id)}_p{prediction.probabilities[prediction.label]:.2f}"
         overlay = explanation.overlay(colormap=explain.colormap, alpha=explain.alpha)
-        written.append(_save_display_png(out_dir / f"{stem}.png", overlay))
+        banner = OUT_OF_DOMAIN_BANNER if prediction.in_domain is False else None
+        written.append(_save_display_png(out_dir / f"{stem}.png", overlay, banner=banner))
         if explain.save_npy:
             np.save(out_dir / f"{stem}.npy", explanation.heatmap)
         entries.append(_gallery_entry(outcome, sample_id, explanation, truth[sample_id], written[-1], classifier.card))
@@ -83,19 +85,23 @@ def _gallery_entry(
         ),
         "probabilities": prediction.probabilities,
         "explained_label": explanation.target_label,
+        "in_domain": prediction.in_domain,
         "file": path.name,
     }
 
 
-def _save_display_png(path: Path, overlay: np.ndarray, min_side: int = 224) -> Path:
+def _save_display_png(path: Path, overlay: np.ndarray, min_side: int = 224, banner: str | None = None) -> Path:
     """Save an overlay; tiny images (28 px MedMNIST) are enlarged by an integer factor, nearest neighbour, so the
-    gallery is legible without inventing detail: every original pixel becomes a uniform square."""
+    gallery is legible without inventing detail: every original pixel becomes a uniform square. ``banner``: a
+    warning across the top (an out-of-domain image)."""
     from PIL import Image
 
     factor = max(1, -(-min_side // max(1, min(overlay.shape[:2]))))
     image = Image.fromarray(overlay)
     if factor > 1:
         image = image.resize((image.width * factor, image.height * factor), Image.NEAREST)
+    if banner:
+        image = Image.fromarray(add_banner(np.asarray(image), banner))
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
     return path

@@ -22,6 +22,7 @@ from medxai.config import ExplainConfig, InferenceConfig
 from medxai.data.dicom_sc import is_dicom_file, write_secondary_capture
 from medxai.errors import ConfigError, InvalidImageError
 from medxai.explain import save_overlay
+from medxai.explain.overlay import OUT_OF_DOMAIN_BANNER
 from medxai.explain.tta import parse_tta
 from medxai.jobs.names import InputFile, InputNames
 from medxai.run_folder import PREDICTIONS_FILE, SKIPPED_FILE, write_skipped
@@ -31,7 +32,6 @@ __all__ = ["predict_files", "explain_files", "BatchResult", "ExplainedFile", "Di
 #: What ``--ood-action`` does with an input the domain guard marks out of domain: keep it, marked (``in_domain``
 #: false in every output, a banner on its overlay), or leave it out of the results and list it in skipped.csv.
 OOD_ACTIONS = ("mark", "skip")
-OUT_OF_DOMAIN_BANNER = "OUT OF DOMAIN: not the kind of image this model was trained on"
 
 logger = logging.getLogger(__name__)
 
