@@ -312,7 +312,7 @@ class RunFolder(EvaluationFolder):
         """``checkpoints/<checkpoint>.safetensors``: ``best``, ``last`` or ``ema`` (the weight average of the last
         epoch, kept for ``--resume`` when ``train.ema_decay`` is set)."""
         if checkpoint not in ("best", "last", "ema"):
-            raise ConfigError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
+            raise ConfigError(f"checkpoint must be 'best', 'last' or 'ema', got {checkpoint!r}")
         return self.checkpoints_dir / f"{checkpoint}.safetensors"
 
     @property

@@ -42,6 +42,14 @@ class PreparedSplit:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def subset(self, indices: list[int]) -> PreparedSplit:
+        """The images at ``indices`` (in that order), with their labels, ids, boxes and facts; nothing skipped."""
+        index = torch.tensor(indices, dtype=torch.long)
+        return PreparedSplit(
+            images=self.images[index], labels=self.labels[index], ids=[self.ids[i] for i in indices],
+            boxes=[self.boxes[i] for i in indices], facts=[self.facts[i] for i in indices] if self.facts else [],
+        )
+
     def class_counts(self, num_classes: int) -> list[int]:
         known = self.labels[self.labels >= 0]
         return torch.bincount(known, minlength=num_classes).tolist()

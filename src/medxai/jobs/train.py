@@ -12,6 +12,7 @@ the data must still have the fingerprint the card recorded.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -347,10 +348,7 @@ def _subset(split: PreparedSplit, limit: int, seed: int) -> PreparedSplit:
     if len(split) <= limit:
         return split
     keep = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:limit].sort().values
-    return PreparedSplit(
-        images=split.images[keep], labels=split.labels[keep], ids=[split.ids[i] for i in keep.tolist()],
-        boxes=[split.boxes[i] for i in keep.tolist()], facts=[split.facts[i] for i in keep.tolist()],
-    )
+    return split.subset(keep.tolist())
 
 
 def _probe_domain_guard(
@@ -456,12 +454,7 @@ def _drop_test_duplicates(prepared: dict[str, PreparedSplit], data_check: dict[s
     else:
         if not keep:
             raise DataError("drop_test_duplicates would remove every test image: the test split is a copy of train")
-        index = torch.tensor(keep, dtype=torch.long)
-        prepared["test"] = PreparedSplit(
-            images=test.images[index], labels=test.labels[index], ids=[test.ids[i] for i in keep],
-            boxes=[test.boxes[i] for i in keep], skipped=test.skipped,
-            facts=[test.facts[i] for i in keep] if test.facts else [],
-        )
+        prepared["test"] = dataclasses.replace(test.subset(keep), skipped=test.skipped)
         logger.warning("drop_test_duplicates: dropped %d of %d test images duplicated in train; %d remain",
                        len(test) - len(keep), len(test), len(keep))
     data_check["dropped_from_test"] = sorted(leaked & set(test.ids))
