@@ -117,26 +117,8 @@ class TemperatureScaler:
             self.temperature_, self.nll_after_ = 1.0, self.nll_before_
             return self
         log_temperature = torch.tensor(math.log(self.initial_temperature), dtype=torch.float64, requires_grad=True)
-        optimizer = torch.optim.LBFGS(
-            [log_temperature], lr=1.0, max_iter=self.max_iter, line_search_fn="strong_wolfe",
-            tolerance_grad=1e-10, tolerance_change=1e-12,
-        )
-
-        def closure() -> torch.Tensor:
-            optimizer.zero_grad()
-            loss = F.cross_entropy(logit_tensor / log_temperature.exp(), label_tensor)
-            loss.backward()
-            return loss
-
-        optimizer.step(closure)
-        fitted = float(log_temperature.detach().exp())
-        if not math.isfinite(fitted):
-            fitted = high if log_temperature.detach() > 0 else low
-        clamped = min(max(fitted, low), high)
-        if clamped != fitted:
-            logger.warning(
-                "temperature %.3g is outside %s and was clamped to %.3g", fitted, self.bounds, clamped,
-            )
+        _minimise_nll([log_temperature], lambda: logit_tensor / log_temperature.exp(), label_tensor, self.max_iter)
+        clamped = _clamped_temperature(float(log_temperature.detach().exp()), self.bounds)
         with torch.no_grad():
             self.nll_after_ = float(F.cross_entropy(logit_tensor / clamped, label_tensor))
         self.temperature_ = clamped
@@ -214,11 +196,8 @@ def reliability_curve(
     confidence, outcome = top_label_or_class(labels, probability_matrix, class_index)
     if binning not in BINNING_SCHEMES:
         raise ValueError(f"unknown binning {binning!r}; known: {list(BINNING_SCHEMES)}")
-    if binning == "uniform":
-        edges, bins = np.linspace(0.0, 1.0, n_bins + 1), calibration_bin_indices(confidence, n_bins)
-    else:
-        edges = adaptive_bin_edges(confidence, n_bins)
-        bins = np.searchsorted(edges[1:-1], np.clip(confidence, 0.0, 1.0), side="left").astype(np.int64)
+    edges = uniform_bin_edges(n_bins) if binning == "uniform" else adaptive_bin_edges(confidence, n_bins)
+    bins = bin_indices(confidence, edges)
     bin_count = len(edges) - 1
     counts = np.bincount(bins, minlength=bin_count)
     confidence_sums = np.bincount(bins, weights=confidence, minlength=bin_count)
@@ -288,10 +267,19 @@ def top_label_or_class(
 
 def calibration_bin_indices(confidence: np.ndarray, n_bins: int) -> np.ndarray:
     """Index of the bin ``(m / n_bins, (m + 1) / n_bins]`` holding each confidence (0 goes to the first bin)."""
+    return bin_indices(confidence, uniform_bin_edges(n_bins))
+
+
+def uniform_bin_edges(n_bins: int) -> np.ndarray:
+    """The ``n_bins + 1`` edges of equal-width bins on [0, 1]."""
     if n_bins < 1:
         raise ValueError(f"n_bins must be at least 1, got {n_bins}")
-    interior_edges = np.linspace(0.0, 1.0, n_bins + 1)[1:-1]
-    return np.searchsorted(interior_edges, np.clip(confidence, 0.0, 1.0), side="left").astype(np.int64)
+    return np.linspace(0.0, 1.0, n_bins + 1)
+
+
+def bin_indices(confidence: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Index of the bin ``(edges[m], edges[m + 1]]`` holding each confidence (the lowest edge goes to the first)."""
+    return np.searchsorted(edges[1:-1], np.clip(confidence, 0.0, 1.0), side="left").astype(np.int64)
 
 
 def adaptive_bin_edges(confidence: np.ndarray, n_bins: int) -> np.ndarray:
@@ -483,12 +471,7 @@ class LogitCalibrator:
                 logger.warning("vector scales %s exceed %g: the validation logits may be separable, where the "
                                "likelihood has no finite optimum", self.scale_, 1.0 / _TEMPERATURE_BOUNDS[0])
             return
-        fitted = float((-scale.detach()).exp())
-        low, high = _TEMPERATURE_BOUNDS
-        self.temperature_ = min(max(fitted, low), high) if math.isfinite(fitted) else (high if fitted > 0 else low)
-        if self.temperature_ != fitted:
-            logger.warning("temperature %.3g is outside %s and was clamped to %.3g", fitted, _TEMPERATURE_BOUNDS,
-                           self.temperature_)
+        self.temperature_ = _clamped_temperature(float((-scale.detach()).exp()), _TEMPERATURE_BOUNDS)
 
     def transform(self, logits: ArrayLike | torch.Tensor) -> torch.Tensor:
         """Calibrated logits, float64, classes on the last axis.
@@ -601,6 +584,16 @@ def _minimise_nll(parameters: list[torch.Tensor], calibrated, labels: torch.Tens
         return loss
 
     optimizer.step(closure)
+
+
+def _clamped_temperature(fitted: float, bounds: tuple[float, float]) -> float:
+    """``fitted`` within ``bounds`` (an infinite temperature goes to the upper bound, NaN to the lower), with a
+    warning when it had to be moved (``T -> inf``: a model no better than chance; ``T -> 0``: separable data)."""
+    low, high = bounds
+    clamped = min(max(fitted, low), high) if math.isfinite(fitted) else (high if fitted > 0 else low)
+    if clamped != fitted:
+        logger.warning("temperature %.3g is outside %s and was clamped to %.3g", fitted, bounds, clamped)
+    return clamped
 
 
 def _check_method(method: str) -> None:
