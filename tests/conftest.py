@@ -61,3 +61,17 @@ def make_synthetic_npz(path: Path, *, size: int = 28, per_class: int = 40, seed:
 @pytest.fixture
 def synthetic_npz(tmp_path) -> Path:
     return make_synthetic_npz(tmp_path / "synthetic.npz")
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of ``(N, K)`` logits, in NumPy (the reference the calibration tests compare with)."""
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def calibrated_problem(count: int, num_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Logits whose softmax is the TRUE class distribution: labels are drawn from it, so they are calibrated."""
+    generator = np.random.default_rng(seed)
+    logits = generator.normal(size=(count, num_classes)) * 1.5
+    labels = (generator.random((count, 1)) > softmax(logits).cumsum(axis=1)).sum(axis=1)
+    return logits, np.minimum(labels, num_classes - 1)

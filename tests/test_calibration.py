@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import calibrated_problem, softmax
 from medxai.evaluate.calibration import (
     TemperatureScaler,
     brier_score,
@@ -17,18 +18,6 @@ from medxai.evaluate.calibration import (
 )
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
-
-
-def _calibrated_problem(count: int, num_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Logits whose softmax is the TRUE class distribution: labels are drawn from it, so they are calibrated."""
-    generator = np.random.default_rng(seed)
-    logits = generator.normal(size=(count, num_classes)) * 1.5
-    probabilities = _softmax(logits)
-    labels = (generator.random((count, 1)) > probabilities.cumsum(axis=1)).sum(axis=1)
-    return logits, np.minimum(labels, num_classes - 1)
 
 
 def test_ece_and_reliability_curve_by_hand():
@@ -57,7 +46,7 @@ def test_ece_and_reliability_curve_by_hand():
 def test_brier_score_matches_scikit_learn_and_the_multiclass_definition():
     sklearn_metrics = pytest.importorskip("sklearn.metrics")
     generator = np.random.default_rng(0)
-    probabilities = _softmax(generator.normal(size=(50, 2)))
+    probabilities = softmax(generator.normal(size=(50, 2)))
     labels = generator.integers(0, 2, 50)
     assert brier_score(labels, probabilities) == pytest.approx(
         sklearn_metrics.brier_score_loss(labels, probabilities[:, 1])
@@ -65,7 +54,7 @@ def test_brier_score_matches_scikit_learn_and_the_multiclass_definition():
     assert brier_score(labels, probabilities, positive_index=0) == pytest.approx(
         sklearn_metrics.brier_score_loss(labels == 0, probabilities[:, 0])
     )
-    three = _softmax(generator.normal(size=(40, 3)))
+    three = softmax(generator.normal(size=(40, 3)))
     three_labels = generator.integers(0, 3, 40)
     expected = np.mean(((three - np.eye(3)[three_labels]) ** 2).sum(axis=1))
     assert brier_score(three_labels, three) == pytest.approx(expected)
@@ -73,13 +62,13 @@ def test_brier_score_matches_scikit_learn_and_the_multiclass_definition():
 
 @pytest.mark.parametrize("num_classes", [2, 4])
 def test_temperature_scaling_undoes_a_known_overconfidence_and_lowers_ece(num_classes):
-    logits, labels = _calibrated_problem(20000, num_classes, seed=num_classes)
+    logits, labels = calibrated_problem(20000, num_classes, seed=num_classes)
     overconfident = 3.0 * logits  # the same ranking, three times too sharp
     fit_half, held_out = slice(0, 10000), slice(10000, None)
     scaler = TemperatureScaler().fit(torch.tensor(overconfident[fit_half]), torch.tensor(labels[fit_half]))
     assert scaler.temperature_ == pytest.approx(3.0, rel=0.08)
     assert scaler.nll_after_ < scaler.nll_before_
-    before = _softmax(overconfident[held_out])
+    before = softmax(overconfident[held_out])
     after = scaler.predict_proba(overconfident[held_out])
     class_index = 1 if num_classes == 2 else None
     ece_before = expected_calibration_error(labels[held_out], before, class_index=class_index)
@@ -91,7 +80,7 @@ def test_temperature_scaling_undoes_a_known_overconfidence_and_lowers_ece(num_cl
 
 
 def test_temperature_scaling_sharpens_an_underconfident_model():
-    logits, labels = _calibrated_problem(8000, 2, seed=11)
+    logits, labels = calibrated_problem(8000, 2, seed=11)
     scaler = TemperatureScaler().fit(logits / 2.0, labels)
     assert scaler.temperature_ == pytest.approx(0.5, rel=0.1)
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import calibrated_problem, softmax
 from medxai.evaluate.calibration import (
     CALIBRATION_METHODS,
     LogitCalibrator,
@@ -22,18 +23,6 @@ from medxai.evaluate.calibration import (
 FIT_SIZE = 10_000
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
-
-
-def _calibrated_problem(count: int, num_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Logits whose softmax is the TRUE class distribution (labels are drawn from it), independent per class."""
-    generator = np.random.default_rng(seed)
-    logits = generator.normal(size=(count, num_classes)) * 1.5
-    cumulative = _softmax(logits).cumsum(axis=1)
-    labels = (generator.random((count, 1)) > cumulative).sum(axis=1)
-    return logits, np.minimum(labels, num_classes - 1)
 
 
 def _ece(labels: np.ndarray, probabilities: np.ndarray) -> float:
@@ -69,16 +58,16 @@ def _fit_logged(calibrator: LogitCalibrator, logits: np.ndarray, labels: np.ndar
 # -- the calibration maps undo known distortions ------------------------------------------------------------------
 @pytest.mark.parametrize("num_classes", [2, 3])
 def test_temperature_recovers_a_known_overconfidence(num_classes):
-    logits, labels = _calibrated_problem(FIT_SIZE, num_classes, seed=num_classes)
-    held_logits, held_labels = _calibrated_problem(FIT_SIZE, num_classes, seed=100 + num_classes)
+    logits, labels = calibrated_problem(FIT_SIZE, num_classes, seed=num_classes)
+    held_logits, held_labels = calibrated_problem(FIT_SIZE, num_classes, seed=100 + num_classes)
     calibrator = LogitCalibrator("temperature").fit(3.0 * logits, labels)
     assert calibrator.temperature_ == pytest.approx(3.0, rel=0.05)
     assert calibrator.scale_ is None and calibrator.bias_ is None
     assert calibrator.nll_after_ < calibrator.nll_before_
     np.testing.assert_allclose(calibrator.transform(3.0 * logits).numpy(), 3.0 * logits / calibrator.temperature_)
-    before, after = _ece(labels, _softmax(3.0 * logits)), _ece(labels, calibrator.predict_proba(3.0 * logits))
+    before, after = _ece(labels, softmax(3.0 * logits)), _ece(labels, calibrator.predict_proba(3.0 * logits))
     assert before > 0.1 and after < 0.02
-    held_before = _ece(held_labels, _softmax(3.0 * held_logits))
+    held_before = _ece(held_labels, softmax(3.0 * held_logits))
     held_after = _ece(held_labels, calibrator.predict_proba(3.0 * held_logits))
     assert held_after < 0.02 and held_after < held_before / 4
     np.testing.assert_array_equal(calibrator.predict_proba(3.0 * logits).argmax(1), logits.argmax(1))
@@ -87,8 +76,8 @@ def test_temperature_recovers_a_known_overconfidence(num_classes):
 @pytest.mark.parametrize("num_classes", [2, 3])
 def test_bias_recovers_a_known_shift_of_the_class_priors(num_classes):
     shift = np.array([0.0, 1.0, -0.5])[:num_classes]
-    logits, labels = _calibrated_problem(FIT_SIZE, num_classes, seed=10 + num_classes)
-    held_logits, held_labels = _calibrated_problem(FIT_SIZE, num_classes, seed=110 + num_classes)
+    logits, labels = calibrated_problem(FIT_SIZE, num_classes, seed=10 + num_classes)
+    held_logits, held_labels = calibrated_problem(FIT_SIZE, num_classes, seed=110 + num_classes)
     calibrator = LogitCalibrator("bias")
     messages = _fit_logged(calibrator, logits + shift, labels)
     assert calibrator.temperature_ == pytest.approx(1.0, abs=0.05)
@@ -98,16 +87,16 @@ def test_bias_recovers_a_known_shift_of_the_class_priors(num_classes):
     temperature_only = LogitCalibrator("temperature").fit(logits + shift, labels)
     assert calibrator.nll_after_ < temperature_only.nll_after_ <= temperature_only.nll_before_
     assert any("bias calibration" in message and "alone" in message for message in messages)
-    before, after = _ece(labels, _softmax(logits + shift)), _ece(labels, calibrator.predict_proba(logits + shift))
+    before, after = _ece(labels, softmax(logits + shift)), _ece(labels, calibrator.predict_proba(logits + shift))
     assert before > 0.05 and after < 0.02
     held_after = _ece(held_labels, calibrator.predict_proba(held_logits + shift))
-    assert held_after < 0.02 and held_after < _ece(held_labels, _softmax(held_logits + shift)) / 3
+    assert held_after < 0.02 and held_after < _ece(held_labels, softmax(held_logits + shift)) / 3
 
 
 def test_binary_bias_is_platt_scaling_of_the_log_odds():
     # Logits twice too sharp and shifted toward class 1 by 1: z' = 2 z + (0, 1), so z = z' / 2 + (0, -0.5), i.e.
     # T = 2 and a log-odds shift b[1] - b[0] = -0.5.
-    logits, labels = _calibrated_problem(FIT_SIZE, 2, seed=21)
+    logits, labels = calibrated_problem(FIT_SIZE, 2, seed=21)
     distorted = 2.0 * logits + np.array([0.0, 1.0])
     calibrator = LogitCalibrator("bias").fit(distorted, labels)
     assert calibrator.temperature_ == pytest.approx(2.0, rel=0.05)
@@ -121,8 +110,8 @@ def test_binary_bias_is_platt_scaling_of_the_log_odds():
 
 def test_vector_recovers_per_class_scales():
     scales = np.array([0.5, 2.0, 1.0])
-    logits, labels = _calibrated_problem(FIT_SIZE, 3, seed=31)
-    held_logits, held_labels = _calibrated_problem(FIT_SIZE, 3, seed=131)
+    logits, labels = calibrated_problem(FIT_SIZE, 3, seed=31)
+    held_logits, held_labels = calibrated_problem(FIT_SIZE, 3, seed=131)
     calibrator = LogitCalibrator("vector").fit(logits * scales, labels)
     assert calibrator.temperature_ == 1.0
     np.testing.assert_allclose(calibrator.scale_, 1.0 / scales, rtol=0.1)
@@ -131,17 +120,17 @@ def test_vector_recovers_per_class_scales():
     assert calibrator.nll_after_ < temperature_only.nll_after_ - 0.01  # one temperature cannot undo this
     after = _ece(labels, calibrator.predict_proba(logits * scales))
     assert after < 0.02 and after < _ece(labels, temperature_only.predict_proba(logits * scales))
-    held_before = _ece(held_labels, _softmax(held_logits * scales))
+    held_before = _ece(held_labels, softmax(held_logits * scales))
     assert _ece(held_labels, calibrator.predict_proba(held_logits * scales)) < min(0.02, held_before / 3)
 
 
 def test_none_is_the_identity_and_needs_no_fit():
-    logits, labels = _calibrated_problem(200, 3, seed=41)
+    logits, labels = calibrated_problem(200, 3, seed=41)
     unfitted = LogitCalibrator("none")
     np.testing.assert_array_equal(unfitted.transform(logits).numpy(), logits)
     fitted = LogitCalibrator("none").fit(logits, labels)
     assert fitted.transform(torch.tensor(logits, dtype=torch.float32)).dtype == torch.float64
-    np.testing.assert_allclose(fitted.predict_proba(logits), _softmax(logits), atol=1e-12)
+    np.testing.assert_allclose(fitted.predict_proba(logits), softmax(logits), atol=1e-12)
     assert fitted.temperature_ == 1.0 and fitted.scale_ is None and fitted.bias_ is None
     assert fitted.nll_after_ == fitted.nll_before_
     assert unfitted.to_dict() == {"method": "none", "temperature": 1.0, "scale": None, "bias": None,
@@ -150,7 +139,7 @@ def test_none_is_the_identity_and_needs_no_fit():
 
 @pytest.mark.parametrize("method", CALIBRATION_METHODS)
 def test_to_dict_from_dict_round_trip_gives_identical_outputs(method):
-    logits, labels = _calibrated_problem(2000, 3, seed=51)
+    logits, labels = calibrated_problem(2000, 3, seed=51)
     distorted = 2.0 * logits + np.array([0.3, -0.2, 0.1])
     calibrator = LogitCalibrator(method).fit(distorted, labels)
     stored = json.loads(json.dumps(calibrator.to_dict()))  # what a model card keeps
@@ -167,7 +156,7 @@ def test_an_old_card_temperature_divides_the_logits():
     calibrator = LogitCalibrator.from_dict({"method": "temperature", "temperature": 2.0})
     logits = np.array([[2.0, -4.0, 1.0], [0.5, 0.0, 3.0]])
     np.testing.assert_array_equal(calibrator.transform(logits).numpy(), logits / 2.0)
-    np.testing.assert_allclose(calibrator.predict_proba(logits), _softmax(logits / 2.0))
+    np.testing.assert_allclose(calibrator.predict_proba(logits), softmax(logits / 2.0))
     assert calibrator.to_dict() == {"method": "temperature", "temperature": 2.0, "scale": None, "bias": None,
                                     "nll_before": None, "nll_after": None}
     assert LogitCalibrator.from_dict({"method": "temperature", "temperature": 1.7}).temperature_ == 1.7
@@ -219,17 +208,17 @@ def test_adaptive_bins_never_split_ties():
 
 
 def test_equal_mass_bins_hold_equal_counts():
-    logits, labels = _calibrated_problem(6000, 3, seed=61)
-    curve = reliability_curve(labels, _softmax(logits), n_bins=15, binning="adaptive")
+    logits, labels = calibrated_problem(6000, 3, seed=61)
+    curve = reliability_curve(labels, softmax(logits), n_bins=15, binning="adaptive")
     assert curve.counts.tolist() == [400] * 15
     assert np.all(np.diff(curve.bin_edges) > 0) and curve.bin_edges[0] == 0.0 and curve.bin_edges[-1] == 1.0
-    uneven = reliability_curve(labels[:10], _softmax(logits[:10]), n_bins=3, binning="adaptive")
+    uneven = reliability_curve(labels[:10], softmax(logits[:10]), n_bins=3, binning="adaptive")
     assert uneven.counts.tolist() == [3, 4, 3]  # cuts after round(10/3) = 3 and round(20/3) = 7
 
 
 def test_uniform_binning_is_unchanged():
-    logits, labels = _calibrated_problem(3000, 2, seed=71)
-    probabilities = _softmax(2.0 * logits)
+    logits, labels = calibrated_problem(3000, 2, seed=71)
+    probabilities = softmax(2.0 * logits)
     curve = reliability_curve(labels, probabilities, n_bins=10, class_index=1, binning="uniform")
     default = reliability_curve(labels, probabilities, n_bins=10, class_index=1)
     for field in ("bin_edges", "mean_confidence", "observed_frequency", "counts"):
@@ -245,9 +234,9 @@ def test_uniform_binning_is_unchanged():
 
 @pytest.mark.parametrize(("num_classes", "class_index"), [(2, 1), (3, None)])
 def test_adaptive_ece_of_a_calibrated_model_is_near_zero(num_classes, class_index):
-    logits, labels = _calibrated_problem(20_000, num_classes, seed=81 + num_classes)
-    assert adaptive_calibration_error(labels, _softmax(logits), class_index=class_index) < 0.02
-    assert adaptive_calibration_error(labels, _softmax(3.0 * logits), class_index=class_index) > 0.1
+    logits, labels = calibrated_problem(20_000, num_classes, seed=81 + num_classes)
+    assert adaptive_calibration_error(labels, softmax(logits), class_index=class_index) < 0.02
+    assert adaptive_calibration_error(labels, softmax(3.0 * logits), class_index=class_index) > 0.1
 
 
 # -- errors -------------------------------------------------------------------------------------------------------
