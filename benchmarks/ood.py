@@ -5,7 +5,8 @@
 Sets (each image predicted with ``medxai.load(run).predict``, which applies the guard; nothing is fitted here):
 PneumoniaMNIST test, the Kermany test folder (224 px JPEGs), BreastMNIST test, RetinaMNIST test, the brain MRIs, the
 DICOM files other than the chest radiograph, and that chest radiograph. Prints one JSON line and writes
-``benchmarks/results/ood_<tag>.json``: per set, n, the share flagged, the reasons counted, score quantiles.
+``benchmarks/results/ood_<tag>.json``: per set, n, the share flagged, the reasons counted, score quantiles, and
+how many files could not be read.
 """
 
 from __future__ import annotations
@@ -17,14 +18,15 @@ import logging
 import os
 import platform
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import medxai
-from medxai.errors import InvalidImageError
+from medxai.config import InferenceConfig
+from medxai.evaluate.domain import DomainVerdict, summarize_verdicts
+from medxai.jobs.predict import predict_files
 
 RESULTS = Path(__file__).parent / "results"
 CHEST_DICOM = "pydicom-data/RG1_J2KI.dcm"
@@ -54,32 +56,16 @@ def _is_dicom_name(path: Path) -> bool:
     return path.name.endswith((".dcm", ".dcm.gz"))
 
 
-def score_set(classifier, items: list) -> dict:
-    """Predict every item (unreadable files are counted, not scored) and summarise the guard's verdicts."""
-    predictions, unreadable = [], 0
-    for start in range(0, len(items), 64):
-        chunk = items[start : start + 64]
-        try:
-            predictions.extend(classifier.predict(chunk))
-        except InvalidImageError:
-            for item in chunk:
-                try:
-                    predictions.extend(classifier.predict([item]))
-                except InvalidImageError:
-                    unreadable += 1
-    flagged = [item for item in predictions if item.in_domain is False]
-    reasons = Counter(reason.split(" (", 1)[0] for item in flagged
-                      for reason in item.domain_reasons)
-    scores = np.array([item.domain_score for item in predictions], dtype=np.float64)
-    return {
-        "n": len(predictions),
-        "unreadable": unreadable,
-        "out_of_domain": len(flagged),
-        "rate": round(len(flagged) / max(1, len(predictions)), 4),
-        "reasons": dict(reasons.most_common()),
-        "score_p05_p50_p95": [round(float(value), 3) for value in np.quantile(scores, [0.05, 0.5, 0.95])]
-        if len(scores) else [],
-    }
+def score_set(run: str, classifier, items: list) -> dict:
+    """Predict every item and summarise the guard's verdicts (:func:`~medxai.evaluate.domain.summarize_verdicts`).
+    Files go through ``medxai predict``'s batch job, which skips and counts unreadable ones."""
+    if items and isinstance(items[0], Path):
+        result = predict_files(run, items, inference=InferenceConfig(device=classifier.device.type))
+        predictions, unreadable = result.predictions, len(result.skipped)
+    else:
+        predictions, unreadable = classifier.predict(items), 0
+    verdicts = [DomainVerdict(item.in_domain, item.domain_score, item.domain_reasons) for item in predictions]
+    return {**summarize_verdicts(verdicts), "unreadable": unreadable}
 
 
 def main() -> None:
@@ -97,7 +83,7 @@ def main() -> None:
         "model": classifier.card.architecture,
         "train_data": classifier.card.train_data.get("source"),
         "z_threshold": classifier.card.domain.get("z_threshold"),
-        "sets": {name: score_set(classifier, items) for name, items in image_sets(data).items()},
+        "sets": {name: score_set(arguments.run, classifier, items) for name, items in image_sets(data).items()},
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
         "torch": torch.__version__,
         "medxai": medxai.__version__,

@@ -244,7 +244,7 @@ class Classifier:
     def _verdicts(self, stages, facts: Sequence[ImageFacts]) -> list[DomainVerdict | None]:
         if self.guard is None:
             return [None] * len(facts)
-        return self.guard.verdicts(self.guard.scores(stages.first()), facts)
+        return self.guard.assess(stages.first(), facts)
 
     def _target_index(self, target: int | str | None) -> int | None:
         if target is None or isinstance(target, int):

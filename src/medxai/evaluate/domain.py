@@ -141,6 +141,10 @@ class DomainGuard:
         """``(B,)`` domain scores of stage features (higher: further from the training data)."""
         return (self.gaussians.combined(features) - self.val_mean) / self.val_std
 
+    def assess(self, features: dict[str, torch.Tensor], facts: Sequence[ImageFacts | None]) -> list[DomainVerdict]:
+        """The verdicts of inputs from their stage features and facts: :meth:`verdicts` of :meth:`scores`."""
+        return self.verdicts(self.scores(features), facts)
+
     def verdicts(self, scores: torch.Tensor, facts: Sequence[ImageFacts | None]) -> list[DomainVerdict]:
         """Combine feature scores with the input checks of each input's facts (None: not checked)."""
         verdicts = []

@@ -242,7 +242,7 @@ def evaluate_prepared(
     verdicts = None
     if guard is not None:
         logits, features = predict_split_with_features(model, split, context, guard.layers)
-        verdicts = guard.verdicts(guard.scores(features), split.facts or [None] * len(split))
+        verdicts = guard.assess(features, split.facts or [None] * len(split))
     elif logits is None:
         logits = predict_split(model, split, context)
     known = split.labels >= 0

@@ -364,7 +364,7 @@ def _probe_domain_guard(
         probe = PreparedSplit(images=images, labels=torch.full((len(images),), -1), ids=[name] * len(images),
                               boxes=[], facts=[image_facts(image.permute(1, 2, 0).numpy(), image) for image in images])
         _, features = predict_split_with_features(model, probe, context, guard.layers)
-        verdicts = guard.verdicts(guard.scores(features), probe.facts)
+        verdicts = guard.assess(features, probe.facts)
         groups[f"probe: {name}"] = [verdict.score for verdict in verdicts]
         rates[name] = summarize_verdicts(verdicts)
     plot_domain_scores(groups, guard.z_threshold, run.figure_path("domain_scores", evaluation.split),

@@ -639,8 +639,8 @@ def _domain_section(files: _RunFiles, images: _ImageEncoder) -> str:
     """The out-of-domain guard: what it is, how often it flags each split, the probes, and external evaluations."""
     guard = (files.card or {}).get("domain") or {}
     if not guard:
-        return _note("This run has no out-of-domain guard (domain.enabled false, or a run from before the guard existed): "
-                     "its predictions do not say when an input is unlike its training images.")
+        return _note("This run has no out-of-domain guard (domain.enabled false, or a run from before the guard "
+                     "existed): its predictions do not say when an input is unlike its training images.")
     parts = [
         "<p>Every prediction carries <code>in_domain</code> and <code>domain_score</code>. The score is a "
         "Mahalanobis distance of the network's stage statistics to the training images' class means (Lee et al. "
