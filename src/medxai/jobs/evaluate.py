@@ -231,17 +231,20 @@ def evaluate_prepared(
     context: BatchContext,
     *,
     logits: torch.Tensor | None = None,
+    features: dict[str, torch.Tensor] | None = None,
     guard: DomainGuard | None = None,
     resamples: int = TrainConfig.bootstrap_resamples,
     seed: int = TrainConfig.seed,
 ) -> SplitEvaluation:
     """Metrics of one split (``metrics.json`` schema: :mod:`medxai.evaluate.summary`): at the argmax, with bootstrap
     intervals, at the card's operating threshold, and calibration with the card's calibration. ``logits`` are the
-    split's logits when already computed. With a ``guard``, ``metrics["domain"]`` says how many images it marks
-    out of domain (:func:`~medxai.evaluate.domain.summarize_verdicts`); the metrics themselves cover every image."""
+    split's logits when already computed, ``features`` its stage statistics (from the same pass). With a
+    ``guard``, ``metrics["domain"]`` says how many images it marks out of domain
+    (:func:`~medxai.evaluate.domain.summarize_verdicts`); the metrics themselves cover every image."""
     verdicts = None
     if guard is not None:
-        logits, features = predict_split_with_features(model, split, context, guard.layers)
+        if logits is None or features is None:
+            logits, features = predict_split_with_features(model, split, context, guard.layers)
         verdicts = guard.assess(features, split.facts or [None] * len(split))
     elif logits is None:
         logits = predict_split(model, split, context)

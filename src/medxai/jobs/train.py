@@ -44,7 +44,7 @@ from medxai.models.card import ModelCard
 from medxai.models.checkpoint import save_weights
 from medxai.report.html import build_report
 from medxai.run_folder import RunFolder, check_folder_name
-from medxai.train import BatchContext, fit, predict_split, resolve_device
+from medxai.train import BatchContext, fit, resolve_device
 from medxai.train.loop import predict_split_with_features
 
 __all__ = [
@@ -161,8 +161,12 @@ def finish_run(
     """Everything after the weights are final, for a trained run and an ensemble alike: calibration and threshold
     on validation, the domain guard, the weights with their card, metrics of every split but train, figures, the
     gallery and the report."""
-    val_logits = fit_operating_point(model, prepared["val"], card, context, config)
-    guard = _fit_domain_guard(model, prepared, context, config)
+    # One pass over validation gives the logits the calibration and threshold are fitted on and the stage features
+    # the domain guard is thresholded on; the val evaluation below reuses both.
+    layers = _guard_layers(model, config)
+    val_logits, val_features = predict_split_with_features(model, prepared["val"], context, layers)
+    fit_operating_point(val_logits, prepared["val"].labels, card, config)
+    guard = _fit_domain_guard(model, prepared["train"], val_features, context, config) if layers else None
     if guard is not None:
         guard.save(run.domain_guard_path)
         card.domain = guard.describe()
@@ -172,7 +176,8 @@ def finish_run(
     evaluations = [
         evaluate_prepared(
             model, prepared[name], name, card, context, logits=val_logits if name == "val" else None,
-            guard=guard, resamples=config.train.bootstrap_resamples, seed=config.train.seed,
+            features=val_features if name == "val" else None, guard=guard,
+            resamples=config.train.bootstrap_resamples, seed=config.train.seed,
         )
         for name in prepared
         if name != "train"
@@ -285,14 +290,13 @@ def score_function(monitor: str, card: ModelCard):
 
 
 def fit_operating_point(
-    model: torch.nn.Module, val: PreparedSplit, card: ModelCard, context: BatchContext, config: RunConfig
-) -> torch.Tensor:
-    """Fit the calibration temperature and (binary tasks) the operating threshold on the VALIDATION split only, and
-    store them in ``card``; returns the validation logits. A split where a fit is impossible (one class only) keeps
-    temperature 1 / the argmax, with a warning."""
-    logits = predict_split(model, val, context)
-    known = val.labels >= 0
-    labels = val.labels[known]
+    logits: torch.Tensor, val_labels: torch.Tensor, card: ModelCard, config: RunConfig
+) -> None:
+    """Fit the calibration and (binary tasks) the operating threshold on the VALIDATION split's logits only, and
+    store them in ``card``. A split where a fit is impossible (one class only) stays uncalibrated / uses the argmax,
+    with a warning."""
+    known = val_labels >= 0
+    labels = val_labels[known]
     if config.train.temperature_scaling and config.train.calibration != "none":
         try:
             calibrator = LogitCalibrator(config.train.calibration).fit(logits[known], labels)
@@ -316,24 +320,25 @@ def fit_operating_point(
                 "value": chosen["value"], "method": method, "target": chosen["target"],
                 "val_sensitivity": chosen["sensitivity"], "val_specificity": chosen["specificity"],
             }
-    return logits
+
+
+def _guard_layers(model: torch.nn.Module, config: RunConfig) -> list[str]:
+    """The stages the domain guard models; [] when it is turned off or the model declares none (with a warning)."""
+    layers = list(getattr(model, "stage_layers", ()))
+    if config.domain.enabled and not layers:
+        logger.warning("no domain guard: %s declares no stages", config.model.name)
+    return layers if config.domain.enabled else []
 
 
 def _fit_domain_guard(
-    model: torch.nn.Module, prepared: dict[str, PreparedSplit], context: BatchContext, config: RunConfig
+    model: torch.nn.Module, train: PreparedSplit, val_features: dict[str, torch.Tensor], context: BatchContext,
+    config: RunConfig,
 ) -> DomainGuard | None:
     """Fit the out-of-domain guard (:mod:`medxai.evaluate.domain`) on un-augmented train images (a seeded subset of
-    at most ``domain.max_train_images``) and threshold it on validation; None when turned off or impossible."""
+    at most ``domain.max_train_images``) and threshold it on the validation features; None when impossible."""
     settings = config.domain
-    layers = list(getattr(model, "stage_layers", ()))
-    if not settings.enabled:
-        return None
-    if not layers:
-        logger.warning("no domain guard: %s declares no stages", config.model.name)
-        return None
-    train = _subset(prepared["train"], settings.max_train_images, config.train.seed)
-    _, train_features = predict_split_with_features(model, train, context, layers)
-    _, val_features = predict_split_with_features(model, prepared["val"], context, layers)
+    train = _subset(train, settings.max_train_images, config.train.seed)
+    _, train_features = predict_split_with_features(model, train, context, list(val_features))
     profile = InputProfile.fit(train.facts, input_size=config.preprocess.size,
                                modalities=settings.modalities, body_parts=settings.body_parts)
     try:
