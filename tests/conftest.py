@@ -75,3 +75,18 @@ def calibrated_problem(count: int, num_classes: int, seed: int) -> tuple[np.ndar
     logits = generator.normal(size=(count, num_classes)) * 1.5
     labels = (generator.random((count, 1)) > softmax(logits).cumsum(axis=1)).sum(axis=1)
     return logits, np.minimum(labels, num_classes - 1)
+
+
+@pytest.fixture(scope="session")
+def demo_like_run(tmp_path_factory) -> Path:
+    """A small trained run (grey 28 px, two classes, calibration, threshold and domain guard), shared by the
+    service's tests."""
+    from medxai.config import load_config
+    from medxai.jobs.train import train_run
+
+    folder = tmp_path_factory.mktemp("served")
+    data = make_synthetic_npz(folder / "synthetic.npz", per_class=48)
+    config = load_config(None, [f"data.source={data}", "train.epochs=2", "train.bootstrap_resamples=0",
+                                "train.device=cpu", "explain.per_outcome=1"])
+    config.name, config.out_dir = "served", str(folder)
+    return train_run(config)

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "medxai"
 # card it reads and writes) and training; the Python surface (classifier) composes the stages for one model; jobs
 # compose them for a command; the CLI calls jobs.
 LAYERS = [
-    {"errors", "__init__", "__main__"},
+    {"errors", "__init__"},
     {"config"},
     {"data"},
     {"models"},
@@ -28,7 +28,7 @@ LAYERS = [
     {"classifier"},
     {"jobs"},
     {"serve"},
-    {"cli"},
+    {"cli", "__main__"},
 ]
 RANK = {name: index for index, layer in enumerate(LAYERS) for name in layer}
 STAGES = ("data", "models", "train", "evaluate", "explain", "report")
@@ -36,7 +36,8 @@ STAGES = ("data", "models", "train", "evaluate", "explain", "report")
 # The run folder's file and folder names: spelled in run_folder.py only.
 RUN_FOLDER_NAMES = ("config.yaml", "model_card.json", "metrics.json", "data_check.json", "history.csv",
                     "skipped.csv", "report.html", "explain_metrics.json", "gallery.json", "evaluation.json",
-                    "predictions.csv", "state.json", "best.safetensors", "last.safetensors", "state.safetensors")
+                    "predictions.csv", "state.json", "best.safetensors", "last.safetensors", "state.safetensors",
+                    "model.onnx", "model.onnx.json", "audit.sqlite")
 
 
 def _modules() -> list[Path]:

@@ -21,7 +21,7 @@ from rich.table import Table
 
 from medxai.errors import ConfigError, MedxaiError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["build_parser", "main"]
 
 logger = logging.getLogger("medxai")
 console = Console(stderr=False)
@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     predict.add_argument("--out", help="also write predictions.csv and skipped.csv here")
     predict.add_argument("--tta", help="test-time augmentation views, comma-separated: hflip, vflip, shift")
+    predict.add_argument("--backend", help="torch (default) or onnxruntime (after `medxai export RUN`)")
     _add_hash_names(predict)
     _add_ood_action(predict)
     _add_inference_options(predict)
@@ -160,6 +161,38 @@ def build_parser() -> argparse.ArgumentParser:
     explain_eval.add_argument("--split-folders", help=_SPLIT_FOLDERS_HELP)
     _add_inference_options(explain_eval)
     explain_eval.add_argument("--json", action="store_true", help="print explain_metrics.json")
+
+    serve = commands.add_parser("serve", help="serve a run over HTTP: an API, a page at /, metrics, an audit log")
+    serve.add_argument("run", help="run folder")
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1; anything else needs --token-file)")
+    serve.add_argument("--port", type=int, help="port (default 8000)")
+    serve.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: auto)")
+    serve.add_argument("--backend", help="torch (default) or onnxruntime (predict only; `medxai export` first)")
+    serve.add_argument("--max-batch", type=int, help="most requests in one forward pass (default 16)")
+    serve.add_argument("--max-wait-ms", type=float, help="how long a batch waits to fill (default 10)")
+    serve.add_argument("--queue", type=int, help="most requests admitted at once; more get 503 (default 64)")
+    serve.add_argument("--timeout-s", type=float, help="a request waiting longer gets 504 (default 30)")
+    serve.add_argument("--token-file", help="file holding the bearer token every /v1 request must carry")
+    serve.add_argument("--max-upload-mb", type=float, help="largest upload in MB (default 64)")
+    serve.add_argument("--max-pixels", type=int, help="most pixels of a decoded image (default 50,000,000)")
+    serve.add_argument("--cors-origin", action="append", dest="cors_origins",
+                       help="a browser origin allowed to call the API (repeatable; default: CORS off)")
+    serve.add_argument("--audit-db", help="SQLAlchemy URL or SQLite file (default: RUN/serve/audit.sqlite)")
+
+    audit = commands.add_parser("audit", help="print a service's audit log, or export it as CSV/JSON")
+    audit.add_argument("run", help="run folder")
+    audit.add_argument("--audit-db", help="SQLAlchemy URL or SQLite file (default: RUN/serve/audit.sqlite)")
+    audit.add_argument("--limit", type=int, help="only the newest N records")
+    audit.add_argument("--format", choices=["csv", "json", "jsonl"], help="export format (with --out)")
+    audit.add_argument("--out", help="write the records to this file")
+
+    export = commands.add_parser("export", help="export a run's network (ONNX) with a parity check")
+    export.add_argument("run", help="run folder")
+    export.add_argument("--format", default="onnx", choices=["onnx"], help="onnx")
+    export.add_argument("--out", help="file to write (default: RUN/model.onnx)")
+    export.add_argument("--opset", type=int, help="ONNX opset (default 18)")
+    export.add_argument("--images", nargs="+", help="images for the parity check (default: the run's own "
+                                                     "validation images)")
 
     commands.add_parser("models", help="list the registered architectures")
     commands.add_parser("presets", help="list the configuration presets")
@@ -298,7 +331,7 @@ def _run_predict(arguments: argparse.Namespace) -> int:
 
     result = predict_files(arguments.run, arguments.images, out=arguments.out, hash_names=arguments.hash_names,
                            inference=_inference(arguments), ood_action=arguments.ood_action,
-                           tta=parse_tta(arguments.tta))
+                           tta=parse_tta(arguments.tta), backend=arguments.backend or "torch")
     label_names = result.classifier.label_names
     if arguments.json:
         for prediction in result.predictions:
@@ -472,7 +505,56 @@ def _run_presets(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def _run_serve(arguments: argparse.Namespace) -> int:
+    from medxai.config import ServeConfig, with_values
+    from medxai.serve.app import run_server
+
+    config = with_values(ServeConfig(), **{name: getattr(arguments, name) for name in (
+        "host", "port", "device", "backend", "max_batch", "max_wait_ms", "queue", "timeout_s", "token_file",
+        "max_upload_mb", "max_pixels", "cors_origins", "audit_db")})
+    run_server(arguments.run, config, log_level="debug" if arguments.verbose else "info")
+    return 0
+
+
+def _run_audit(arguments: argparse.Namespace) -> int:
+    from medxai.run_folder import RunFolder
+    from medxai.serve.audit import audit_url, export_audit, read_audit, summarize_audit
+
+    url = audit_url(arguments.audit_db or RunFolder(arguments.run).audit_db_path)
+    if arguments.out:
+        count = export_audit(url, arguments.out, arguments.format or Path(arguments.out).suffix.lstrip(".") or "csv",
+                             limit=arguments.limit)
+        console.print(f"{count} audit record(s) written to {arguments.out}")
+        return 0
+    rows = read_audit(url, limit=arguments.limit or 20)
+    table = Table(title=f"the newest {len(rows)} audit record(s)")
+    for column in ("time", "endpoint", "status", "outcome", "label", "in_domain", "latency_ms", "input_sha256"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*("" if row.get(column) is None else str(row[column]) for column in (
+            "time", "endpoint", "status", "outcome", "label", "in_domain", "latency_ms", "input_sha256")))
+    console.print(table)
+    console.print_json(json.dumps(summarize_audit(read_audit(url))))
+    return 0
+
+
+def _run_export(arguments: argparse.Namespace) -> int:
+    from medxai.jobs.export import export_run
+
+    options = {"opset": arguments.opset} if arguments.opset is not None else {}
+    result = export_run(arguments.run, format=arguments.format, out=arguments.out, images=arguments.images,
+                        **options)
+    parity = result.parity
+    console.print(f"wrote {result.path} and {result.card_path}; parity on {parity['n']} image(s) "
+                  f"({parity.get('images', 'real')}): max |logit difference| {parity['max_abs_logit_diff']:.2e}, "
+                  f"argmax identical: {parity['argmax_identical']}")
+    return 0
+
+
 _COMMANDS = {
+    "serve": _run_serve,
+    "audit": _run_audit,
+    "export": _run_export,
     "demo": _run_demo,
     "train": _run_train,
     "evaluate": _run_evaluate,

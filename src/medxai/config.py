@@ -29,6 +29,7 @@ __all__ = [
     "InferenceConfig",
     "ExplainEvalConfig",
     "DomainConfig",
+    "ServeConfig",
     "with_values",
     "load_config",
     "preset_path",
@@ -203,6 +204,30 @@ class InferenceConfig:
     # Images per forward pass; None: the run's own training batch size, so that re-evaluating its splits gives
     # bit-identical logits (a convolution's float sums depend on the batch it runs in).
     batch_size: int | None = None
+
+
+@dataclass
+class ServeConfig:
+    """``medxai serve``: where it listens, how it batches, what it accepts (see ``docs/serve.md``)."""
+
+    host: str = "127.0.0.1"  # loopback: anywhere else needs token_file
+    port: int = 8000
+    device: str = "auto"
+    backend: str = "torch"  # "torch", or "onnxruntime" (predict only) after `medxai export RUN --format onnx`
+    max_batch: int = 16  # most requests of one kind in one forward (and one backward for explain)
+    # How long the first request of a batch may wait for company; it waits only while more admitted requests are
+    # on their way (being read or decoded), so a lone request on an idle server does not wait at all.
+    max_wait_ms: float = 10.0
+    queue: int = 64  # most requests admitted at once (waiting or running); more get 503 with Retry-After
+    timeout_s: float = 30.0  # a request waiting longer than this gets 504
+    token_file: str | None = None  # a file holding the bearer token every /v1 request must carry
+    max_upload_mb: float = 64.0  # most bytes one upload may have
+    max_pixels: int = 50_000_000  # most pixels one decoded image may have (PIL.Image.MAX_IMAGE_PIXELS)
+    cors_origins: list[str] = field(default_factory=list)  # browser origins allowed to call the API; none: CORS off
+    audit_db: str | None = None  # SQLAlchemy URL or SQLite path; None: <run>/serve/audit.sqlite
+    explanations_kept: int = 64  # overlays kept for GET /v1/explanations/{id} (overlay=url), newest first
+    explanations_ttl_s: float = 600.0  # and for at most this long
+    channels_last: bool = True  # NHWC weights and inputs on the CPU (faster convolutions; Classifier.use_channels_last)
 
 
 @dataclass

@@ -47,6 +47,9 @@ __all__ = [
     "read_skipped",
     "write_split_lists",
     "read_split_lists",
+    "onnx_card_path_for",
+    "read_onnx_card",
+    "write_onnx_card",
     "HISTORY_FIELDS",
     "SPLIT_NAMES",
     "SKIPPED_FILE",
@@ -75,6 +78,9 @@ FIGURES_DIR = "figures"
 HEATMAPS_DIR = "heatmaps"
 EVALUATIONS_DIR = "evaluations"
 SERVE_DIR = "serve"
+ONNX_FILE = "model.onnx"
+ONNX_CARD_FILE = "model.onnx.json"
+AUDIT_DB_FILE = "audit.sqlite"
 
 #: Columns of ``history.csv``, one row per epoch.
 HISTORY_FIELDS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_score", "lr", "seconds"]
@@ -199,6 +205,30 @@ def _read_json(path: Path, what: str) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{path}: not a readable {what} ({error})") from None
+
+
+def onnx_card_path_for(onnx_path: str | Path) -> Path:
+    """The card beside an exported ``.onnx`` file: ``<file>.json`` (``model.onnx.json`` in a run folder)."""
+    onnx_path = Path(onnx_path)
+    return onnx_path.with_name(onnx_path.name + ".json")
+
+
+def read_onnx_card(path: str | Path) -> dict[str, Any]:
+    """An export's card: the run's model card as exported, plus ``export`` (the facts), ``parity`` and
+    ``source_weights_sha256``.
+
+    Raises:
+        CheckpointError: missing, unreadable or not an object.
+    """
+    path = Path(path)
+    document = _read_json(path, "ONNX export card")
+    if not isinstance(document, dict) or not isinstance(document.get("export"), dict):
+        raise CheckpointError(f"{path}: not an ONNX export card (expected an object with 'export')")
+    return document
+
+
+def write_onnx_card(path: str | Path, document: Mapping[str, Any]) -> Path:
+    return _write_json(Path(path), dict(document))
 
 
 # -- folders --------------------------------------------------------------------------------------------------------
@@ -359,6 +389,21 @@ class RunFolder(EvaluationFolder):
     @property
     def serve_dir(self) -> Path:
         return self.path / SERVE_DIR
+
+    @property
+    def audit_db_path(self) -> Path:
+        """The service's audit log (SQLite) when no other database is configured: ``serve/audit.sqlite``."""
+        return self.serve_dir / AUDIT_DB_FILE
+
+    @property
+    def onnx_path(self) -> Path:
+        """``medxai export --format onnx`` writes the network here; ``--backend onnxruntime`` reads it."""
+        return self.path / ONNX_FILE
+
+    @property
+    def onnx_card_path(self) -> Path:
+        """The exported model's card: the run's card plus the export's facts (opset, outputs, parity check)."""
+        return self.path / ONNX_CARD_FILE
 
     # typed reads and writes
     def read_config(self) -> RunConfig:

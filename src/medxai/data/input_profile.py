@@ -63,8 +63,11 @@ def colourfulness(image: np.ndarray) -> float:
     scale = 255.0 if pixels.dtype == np.uint8 else 65535.0 if pixels.dtype == np.uint16 else max(
         float(np.abs(pixels).max()), 1.0
     )
-    spread = pixels.max(axis=2).astype(np.float32) - pixels.min(axis=2).astype(np.float32)
-    return float(spread.mean() / scale)
+    red, green, blue = pixels[..., 0], pixels[..., 1], pixels[..., 2]
+    # element-wise over the three planes: ~10x faster than NumPy's reduction along a length-3 last axis
+    highest = np.maximum(np.maximum(red, green), blue).astype(np.float32)
+    lowest = np.minimum(np.minimum(red, green), blue).astype(np.float32)
+    return float((highest - lowest).mean() / scale)
 
 
 def image_facts(original: np.ndarray, prepared: torch.Tensor, info: dict[str, Any] | None = None) -> ImageFacts:

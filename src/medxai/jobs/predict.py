@@ -80,18 +80,22 @@ def predict_files(
     inference: InferenceConfig | None = None,
     ood_action: str = "mark",
     tta: Sequence[str] = (),
+    backend: str = "torch",
 ) -> BatchResult:
     """Classify files and folders; with ``out``, write ``predictions.csv`` and ``skipped.csv`` there.
 
     Args:
         ood_action: see :data:`OOD_ACTIONS`.
         tta: test-time augmentation views (:mod:`medxai.explain.tta`).
+        backend: ``torch``, or ``onnxruntime`` to run the run's ONNX export (``medxai export``); the outputs are
+            the same (see :data:`medxai.classifier.BACKENDS`).
     """
     inference = inference or InferenceConfig()
     _check_ood_action(ood_action)
     names = InputNames(items, hash_names=hash_names)
     with names.redacted_logs():
-        classifier = Classifier.from_run(run_dir, device=inference.device, batch_size=inference.batch_size, tta=tta)
+        classifier = Classifier.from_run(run_dir, device=inference.device, batch_size=inference.batch_size, tta=tta,
+                                         backend=backend)
         result = BatchResult(classifier, len(names), skipped=list(names.skipped))
 
         def predict(files: list[InputFile]) -> list[Prediction]:

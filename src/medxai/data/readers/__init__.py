@@ -6,6 +6,6 @@ not FIFOs, sockets, devices or broken links; no hidden or system clutter).
 """
 
 from medxai.data.readers.files import is_hidden_or_system, special_file_reason
-from medxai.data.readers.image import probe_image, read_image, read_image_with_info
+from medxai.data.readers.image import probe_image, read_image, read_image_bytes, read_image_with_info
 
-__all__ = ["read_image", "read_image_with_info", "probe_image", "is_hidden_or_system", "special_file_reason"]
+__all__ = ["read_image", "read_image_with_info", "read_image_bytes", "probe_image", "is_hidden_or_system", "special_file_reason"]

@@ -18,6 +18,7 @@ batch code can list it and carry on. Sizes are checked against :mod:`medxai.data
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from medxai.data.readers.nifti import (
 )
 from medxai.errors import ImageTooLargeError, InvalidImageError
 
-__all__ = ["read_image", "read_image_with_info", "probe_image"]
+__all__ = ["read_image", "read_image_with_info", "read_image_bytes", "probe_image"]
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +148,32 @@ def read_image_with_info(
     if looks_like_nifti_pair(head):
         raise InvalidImageError(path, "NIfTI .hdr/.img pairs are not supported; convert to a single .nii file")
     return _read_with_pillow(path)
+
+
+def read_image_bytes(data: bytes, *, name: str = "upload", **options: Any) -> tuple[np.ndarray, dict[str, Any]]:
+    """:func:`read_image_with_info` for bytes held in memory (an upload to the service).
+
+    The bytes go to a private temporary file first, because the DICOM, NIfTI and gzip readers work on files, and
+    the same content sniffing and size limits apply as to any file. Errors name ``name``, never the temporary path.
+
+    Args:
+        data: the file's bytes.
+        name: what to call the input in errors.
+        options: see :func:`read_image`.
+
+    Raises:
+        InvalidImageError: see :func:`read_image`.
+    """
+    if not data:
+        raise InvalidImageError(name, "empty file (0 bytes)")
+    with tempfile.TemporaryDirectory(prefix="medxai-upload-") as folder:
+        path = Path(folder) / "upload"
+        path.write_bytes(data)
+        try:
+            return read_image_with_info(path, **options)
+        except InvalidImageError as error:
+            reason = error.reason.replace(str(path), name).replace(folder, "")
+            raise type(error)(name, reason) from None
 
 
 def probe_image(path: str | Path) -> dict[str, Any]:
