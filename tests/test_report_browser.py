@@ -7,30 +7,11 @@ Needs /usr/bin/chromium (``make test`` installs Debian's package when it can); n
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import numpy as np
-import pytest
-
-from medxai.report.html import SECTION_IDS
 from test_report import MAX_REPORT_BYTES, noisy_run  # noqa: F401  (the shared run fixture)
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync"]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM.is_file():
-        pytest.skip("Debian's chromium is not installed at /usr/bin/chromium (`make browser` installs it as root)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
-    with sync_api.sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            yield launched
-        finally:
-            launched.close()
+from medxai.report.html import SECTION_IDS
 
 
 def test_report_opens_offline_with_every_section_and_image(browser, noisy_run, tmp_path):  # noqa: F811

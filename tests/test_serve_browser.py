@@ -21,9 +21,6 @@ from conftest import real_data_dir
 from PIL import Image
 from serve_helpers import running_server  # the run served: conftest.py demo_like_run
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync"]
 # Full resolution: 1422 x 1152 grey JPEG, and the pydicom-data chest CR PA, 1841 x 1955 JPEG 2000 MONOCHROME1.
 CHEST_JPEG = Path("chest_xray_fullres_sample/NORMAL/IM-0117-0001.jpeg")
 CHEST_DICOM = Path("dicom/pydicom-data/RG1_J2KI.dcm")
@@ -51,19 +48,6 @@ def real_data():
     """Skip before a browser starts or a model is trained when the shared data is absent."""
     if real_data_dir() is None:
         pytest.skip("real data not available: set MEDXAI_DATA_DIR to the shared data folder (see its README.md)")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM.is_file():
-        pytest.skip("Debian's chromium is not installed at /usr/bin/chromium (`make browser` installs it as root)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
-    with sync_api.sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            yield launched
-        finally:
-            launched.close()
 
 
 @pytest.fixture(scope="module")

@@ -191,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", default="onnx", choices=["onnx"], help="onnx")
     export.add_argument("--out", help="file to write (default: RUN/model.onnx)")
     export.add_argument("--opset", type=int, help="ONNX opset (default 18)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     export.add_argument("--images", nargs="+", help="images for the parity check (default: the run's own "
                                                      "validation images)")
 
@@ -543,7 +544,7 @@ def _run_export(arguments: argparse.Namespace) -> int:
 
     options = {"opset": arguments.opset} if arguments.opset is not None else {}
     result = export_run(arguments.run, format=arguments.format, out=arguments.out, images=arguments.images,
-                        **options)
+                        overwrite=arguments.overwrite, **options)
     parity = result.parity
     console.print(f"wrote {result.path} and {result.card_path}; parity on {parity['n']} image(s) "
                   f"({parity.get('images', 'real')}): max |logit difference| {parity['max_abs_logit_diff']:.2e}, "

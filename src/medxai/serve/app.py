@@ -60,6 +60,7 @@ from medxai.serve.render import (
     ExplanationStore,
     explanation_body,
     prediction_body,
+    threshold_info,
 )
 
 __all__ = ["ServiceError", "check_exposure", "create_app", "is_loopback", "read_token", "run_server"]
@@ -232,6 +233,12 @@ class _Service:
         self.ready = True
         self.metrics.ready.set(1)
 
+    def not_ready(self) -> ServiceError:
+        """The 503 of a request that needs the model before it is loaded and warmed up (or when loading failed)."""
+        detail = ("the model failed to load: " + self.load_error) if self.load_error else \
+            "the model is loading; try again shortly"
+        return ServiceError(503, "not_ready", detail, {"Retry-After": str(NOT_READY_RETRY_S)})
+
     def incoming(self) -> int:
         """Requests admitted and not yet handed to the batcher (their bodies are being read or decoded)."""
         return self.arriving
@@ -303,9 +310,7 @@ class _Gate:
         if endpoint is None:
             return None
         if not service.ready:
-            detail = ("the model failed to load: " + service.load_error) if service.load_error else \
-                "the model is loading; try again shortly"
-            return ServiceError(503, "not_ready", detail, {"Retry-After": str(NOT_READY_RETRY_S)})
+            return service.not_ready()
         if service.admitted >= service.config.queue:
             return ServiceError(503, "queue_full", f"{service.admitted} requests are in progress (queue "
                                 f"{service.config.queue}); try again shortly",
@@ -501,8 +506,7 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
     async def readyz() -> dict[str, str]:
         """200 once the model is loaded and one warm-up batch ran; 503 before (or when loading failed)."""
         if not service.ready:
-            detail = ("the model failed to load: " + service.load_error) if service.load_error else "loading"
-            raise ServiceError(503, "not_ready", detail, {"Retry-After": str(NOT_READY_RETRY_S)})
+            raise service.not_ready()
         return {"status": "ready", "model": service.engine.identity.id, "version": service.engine.identity.version}
 
     @app.get("/metrics", tags=["probes"])
@@ -557,8 +561,7 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
 
 def _ready_engine(service: _Service) -> Engine:
     if not service.ready:
-        raise ServiceError(503, "not_ready", "the model is loading; try again shortly",
-                           {"Retry-After": str(NOT_READY_RETRY_S)})
+        raise service.not_ready()
     return service.engine
 
 
@@ -622,16 +625,13 @@ def _check_colormap(name: str) -> str:
 def _model_document(engine: Engine, config: ServeConfig) -> dict[str, Any]:
     """``GET /v1/model``: the card without anything local (data paths, member run folders)."""
     card = engine.classifier.card
-    threshold = (card.threshold or {}).get("value")
     return {
         **engine.identity.to_dict(),
         "backend": engine.backend,
         "architecture": card.architecture,
         "label_names": list(card.label_names),
         "positive_label": card.positive_label,
-        "threshold": None if threshold is None or not card.is_binary else {
-            "value": float(threshold), "label": card.label_names[card.positive_index],
-            "method": card.threshold.get("method", "chosen")},
+        "threshold": threshold_info(card),
         "decision_rule": engine.classifier.decision_rule(),
         "calibration": card.calibration or {"method": "temperature", "temperature": card.temperature},
         "input_size": card.input_size,

@@ -71,7 +71,7 @@ class Engine:
 
     @property
     def backend(self) -> str:
-        return getattr(self.classifier, "backend", "torch")
+        return self.classifier.backend
 
     @property
     def can_explain(self) -> bool:

@@ -18,6 +18,7 @@ from PIL import Image
 from medxai.classifier import Classifier, Explanation, Prediction
 from medxai.explain import overlay_heatmap
 from medxai.explain.overlay import OUT_OF_DOMAIN_BANNER, add_banner, to_display_rgb
+from medxai.models.card import ModelCard
 
 __all__ = ["ExplainOptions", "ExplanationStore", "encode_png", "explanation_body", "prediction_body"]
 
@@ -53,24 +54,28 @@ def prediction_body(
     """The fields ``/v1/predict`` and ``/v1/explain`` share (without identity and latency, added by the app).
 
     Only technical facts of the input are returned (size, format): never a DICOM tag or a file name."""
-    card = classifier.card
-    threshold = (card.threshold or {}).get("value")
     height, width = image.shape[:2]
     return {
         "label": prediction.label,
         "label_index": prediction.label_index,
         "probabilities": prediction.probabilities,
         "decision_rule": prediction.decision_rule,
-        "threshold": None if threshold is None or not card.is_binary else {
-            "value": float(threshold),
-            "label": card.label_names[card.positive_index],
-            "method": card.threshold.get("method", "chosen"),
-        },
+        "threshold": threshold_info(classifier.card),
         "in_domain": prediction.in_domain,
         "domain_score": prediction.domain_score,
         "domain_reasons": list(prediction.domain_reasons),
         "image": {"width": int(width), "height": int(height), "format": info.get("format"), "sha256": sha256},
     }
+
+
+def threshold_info(card: ModelCard) -> dict[str, Any] | None:
+    """The operating threshold of a binary model (value, the label it applies to, how it was chosen); None for an
+    argmax rule."""
+    threshold = (card.threshold or {}).get("value")
+    if threshold is None or not card.is_binary:
+        return None
+    return {"value": float(threshold), "label": card.label_names[card.positive_index],
+            "method": card.threshold.get("method", "chosen")}
 
 
 def explanation_body(explanation: Explanation, options: ExplainOptions, store: ExplanationStore) -> dict[str, Any]:
