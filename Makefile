@@ -18,7 +18,7 @@ endif
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(TORCH_PINS) -e ".[test,onnx]"
+	$(PY) -m pip install --quiet $(TORCH_PINS) -e ".[test,onnx,ray]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -37,7 +37,7 @@ STAGES = ("data", "models", "train", "evaluate", "explain", "report")
 RUN_FOLDER_NAMES = ("config.yaml", "model_card.json", "metrics.json", "data_check.json", "history.csv",
                     "skipped.csv", "report.html", "explain_metrics.json", "gallery.json", "evaluation.json",
                     "predictions.csv", "state.json", "best.safetensors", "last.safetensors", "state.safetensors",
-                    "model.onnx", "model.onnx.json", "audit.sqlite")
+                    "model.onnx", "model.onnx.json", "audit.sqlite", "predictions.parquet")
 
 
 def _modules() -> list[Path]:

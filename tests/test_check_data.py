@@ -16,10 +16,15 @@ import torch
 from PIL import Image
 
 from medxai.cli import main
+from medxai.data import check as check_module
 from medxai.data.check import (
     HASH_BITS,
     NEAR_DUPLICATE_BITS,
     _dct_matrix,
+    _multi_index_pairs,
+    _near_duplicate_pairs_brute,
+    _pigeonhole_plan,
+    _substring_plan,
     check_data,
     check_prepared,
     content_hash,
@@ -100,6 +105,106 @@ def test_near_duplicate_pairs_equal_a_brute_force_count():
              if (bits[i] != bits[j]).sum() <= 110}
     assert set(near_duplicate_pairs(hashes, 110, block=64)) == brute
     assert {(10, 20, 0), (30, 40, 1)} <= set(near_duplicate_pairs(hashes, 1))
+
+
+def clustered_hashes(count: int, seed: int, spread: int = 48) -> np.ndarray:
+    """Packed 256-bit hashes in families: each family a random centre, its bits biased per position (pHash bits of
+    radiographs are: 6% to 86% set on PneumoniaMNIST), and 1 to 5 members 0 to ``spread`` flipped bits from it (half
+    of them 0 to 3), so that pair distances cover every tested threshold and its neighbours; 2% are exact copies of
+    others."""
+    rng = np.random.default_rng(seed)
+    bias = rng.uniform(0.15, 0.85, HASH_BITS)
+    members = []
+    while len(members) < count:
+        centre = rng.random(HASH_BITS) < bias
+        for _ in range(int(rng.integers(1, 6))):
+            member = centre.copy()
+            flips = int(rng.integers(0, spread + 1) if rng.random() < 0.5 else rng.integers(0, 4))
+            member[rng.choice(HASH_BITS, flips, replace=False)] ^= True
+            members.append(member)
+    hashes = np.packbits(np.array(members[:count]), axis=1)
+    copies = rng.choice(count, size=(2, count // 50), replace=False)
+    hashes[copies[1]] = hashes[copies[0]]  # exact copies
+    return hashes
+
+
+def _forced_plans(threshold: int) -> list[int]:
+    """Substring counts whose pigeonhole plans search radii 0 (threshold + 1 substrings), 0 with spare substrings,
+    and 1 or 2 where the threshold allows (at most 63 bits per substring, so at least 5 substrings)."""
+    counts = {threshold + 1, threshold + 7, max(5, -(-(threshold + 1) // 2)), max(5, -(-(threshold + 1) // 3))}
+    return sorted(count for count in counts if count <= HASH_BITS)
+
+
+@pytest.mark.parametrize("threshold", [0, 1, 8, 24, 40])
+def test_multi_index_search_finds_exactly_the_pairs_of_the_all_pairs_search(threshold):
+    hashes = clustered_hashes(2000, seed=threshold)
+    expected = _near_duplicate_pairs_brute(hashes, threshold)
+    distances = {distance for _, _, distance in expected}
+    assert {0, threshold} <= distances  # exact copies and pairs exactly at the threshold are in the data ...
+    assert any(distance == threshold + 1 for _, _, distance in _near_duplicate_pairs_brute(hashes, threshold + 1))
+    assert _substring_plan(len(hashes), HASH_BITS, threshold) is not None  # ... and the index, not the fallback, runs
+    assert near_duplicate_pairs(hashes, threshold) == expected
+    for substrings in _forced_plans(threshold):
+        plan = _pigeonhole_plan(HASH_BITS, threshold, substrings)
+        assert _multi_index_pairs(hashes, threshold, plan, block=997) == expected, substrings
+    if threshold >= 8:
+        assert max(radius for substrings in _forced_plans(threshold)
+                   for _, radius in _pigeonhole_plan(HASH_BITS, threshold, substrings)) >= 1
+
+
+def test_pigeonhole_plans_cover_every_bit_once_and_leave_no_pair_out():
+    for threshold in (0, 1, 8, 24, 40, 100):
+        for substrings in (5, 13, 25, 41, 256):
+            step, extra = divmod(threshold, substrings)
+            plan = _pigeonhole_plan(HASH_BITS, threshold, substrings)
+            assert [radius for _, radius in plan] == ([step] * (extra + 1) + [step - 1] * (substrings - extra - 1)
+                                                      if step else [0] * min(extra + 1, substrings))
+            every = np.concatenate([np.arange(index, HASH_BITS, substrings) for index in range(substrings)])
+            assert sorted(every.tolist()) == list(range(HASH_BITS))
+            # the pigeonhole bound: differing in radius + 1 bits on every searched substring (and radius + 1 = 0
+            # more on the others) costs more than the threshold
+            assert sum(radius + 1 for _, radius in plan) == threshold + 1
+
+
+def test_multi_index_search_on_degenerate_inputs():
+    empty = np.zeros((0, HASH_BITS // 8), dtype=np.uint8)
+    one = clustered_hashes(1, seed=0)
+    assert near_duplicate_pairs(empty, 24) == [] == near_duplicate_pairs(one, 24)
+    assert near_duplicate_pairs(clustered_hashes(50, seed=1), -1) == []
+
+    identical = np.repeat(clustered_hashes(1, seed=2), 300, axis=0)
+    every_pair = [(i, j, 0) for i in range(300) for j in range(i + 1, 300)]
+    assert near_duplicate_pairs(identical, 0) == every_pair == near_duplicate_pairs(identical, 24)
+    for block in (97, 10_000):  # a bucket of 300 equal substrings: ranges longer than the block, many chunks
+        assert _multi_index_pairs(identical, 24, _pigeonhole_plan(HASH_BITS, 24, 13), block=block) == every_pair
+
+    # buckets far larger than the block: 192 shared bits, so every substring has only a few free bits
+    rng = np.random.default_rng(4)
+    bits = np.repeat(rng.random((1, HASH_BITS)) < 0.5, 600, axis=0)
+    bits[:, 192:] = rng.random((600, 64)) < 0.5
+    shared = np.packbits(bits, axis=1)
+    for threshold in (24, 32):
+        plan = _substring_plan(len(shared), HASH_BITS, threshold)
+        positions = plan[0][0]
+        keys = np.packbits(np.unpackbits(shared, axis=1)[:, positions], axis=1)
+        largest_bucket = np.unique(keys, axis=0, return_counts=True)[1].max()
+        assert largest_bucket > 64
+        expected = _near_duplicate_pairs_brute(shared, threshold)
+        assert len(expected) > 1000
+        assert near_duplicate_pairs(shared, threshold, block=64) == expected
+
+    assert _substring_plan(300, HASH_BITS, 110) is None  # the index would cost more: all pairs are compared
+    assert near_duplicate_pairs(one.repeat(3, axis=0), HASH_BITS) == [(0, 1, 0), (0, 2, 0), (1, 2, 0)]
+
+
+def test_multi_index_search_without_64_bit_words(monkeypatch):
+    """Widths that are not whole 64-bit words (and NumPy without ``bitwise_count``) verify byte by byte."""
+    hashes = clustered_hashes(800, seed=5)
+    monkeypatch.setattr(check_module, "_HAS_BITWISE_COUNT", False)
+    assert near_duplicate_pairs(hashes, 24) == _near_duplicate_pairs_brute(hashes, 24)
+    narrow = hashes[:, :5]  # 40-bit hashes
+    plan = _pigeonhole_plan(40, 6, 7)
+    assert _multi_index_pairs(narrow, 6, plan, block=500) == _near_duplicate_pairs_brute(narrow, 6)
 
 
 def test_content_hash_is_exactly_pixel_equality():
@@ -193,11 +298,50 @@ def test_training_records_the_check_warns_about_leaks_and_can_drop_them(tmp_path
 
 
 # -- real data -----------------------------------------------------------------------------------------------------
+@pytest.fixture
+def recorded_searches(monkeypatch) -> list[tuple[np.ndarray, int, list]]:
+    """Every near-duplicate search the checks run, as ``(hashes, threshold, pairs found)``."""
+    searches = []
+    search = check_module.near_duplicate_pairs
+
+    def recording(hashes, threshold, *args, **kwargs):
+        pairs = search(hashes, threshold, *args, **kwargs)
+        searches.append((np.array(hashes, copy=True), threshold, pairs))
+        return pairs
+
+    monkeypatch.setattr(check_module, "near_duplicate_pairs", recording)
+    return searches
+
+
 @pytest.mark.realdata
-def test_kermany_has_no_cross_split_duplicates(data_dir):
+def test_pneumoniamnist_findings_are_those_of_the_all_pairs_search(data_dir, recorded_searches, monkeypatch):
+    """Same findings as the all-pairs search the index replaced, on real radiographs (whose pHash bits are
+    correlated): the pairs over the hashes ``check_data`` computed, at the default and other thresholds, and the
+    whole duplicate report."""
+    path = data_dir / "medmnist" / "pneumoniamnist.npz"
+    result = check_data(path)
+    [(hashes, threshold, pairs)] = recorded_searches
+    assert len(hashes) == 5856 and threshold == NEAR_DUPLICATE_BITS
+    assert pairs == _near_duplicate_pairs_brute(hashes, threshold)
+    assert len(pairs) == 31  # measured: the pairs of the 27 groups of pixel-identical images, nothing else
+    for other in (8, 40):
+        assert near_duplicate_pairs(hashes, other) == _near_duplicate_pairs_brute(hashes, other), other
+    counts = result["duplicates"]["counts"]
+    # Measured on the official file (md5 28209eda...): 10 train images copied into val or test.
+    assert counts["cross_split_exact_pairs"] == counts["cross_split_pairs"] == 10
+    assert counts["exact_groups"] == 27 and counts["near_pairs"] == 0
+
+    monkeypatch.setattr(check_module, "near_duplicate_pairs", _near_duplicate_pairs_brute)
+    assert check_data(path)["duplicates"] == result["duplicates"]
+
+
+@pytest.mark.realdata
+def test_kermany_has_no_cross_split_duplicates(data_dir, recorded_searches):
     started = time.perf_counter()
     result = check_data(data_dir / "chest_xray_kermany_224")
     seconds = time.perf_counter() - started
+    [(hashes, threshold, pairs)] = recorded_searches
+    assert pairs == _near_duplicate_pairs_brute(hashes, threshold)  # what the all-pairs search found
     assert result["files"] == 5840 and not result["unreadable"]
     assert result["splits"]["test"]["n"] == 624 and result["splits"]["train"]["n"] == 5216
     counts = result["duplicates"]["counts"]

@@ -427,3 +427,21 @@ def test_overlay_inputs_and_saving(tmp_path) -> None:
     np.testing.assert_array_equal(np.asarray(Image.open(written)), out)
     npy = save_heatmap_npy(tmp_path / "c" / "map.npy", torch.full((5, 5), 0.25))
     np.testing.assert_array_equal(np.load(npy), np.full((5, 5), 0.25, dtype=np.float32))
+
+
+@pytest.mark.parametrize("colormap", ["jet", "viridis", "inferno"])
+@pytest.mark.parametrize("alpha", [0.0, 0.4, 0.73, 1.0])
+@pytest.mark.parametrize("grey", [True, False])
+def test_the_table_blend_is_exactly_the_float_formula(colormap, alpha, grey):
+    import matplotlib
+
+    from medxai.explain.overlay import blend_with_colormap
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (60, 40, 1 if grey else 3), dtype=np.uint8).repeat(3 if grey else 1, axis=2)
+    heat = rng.random((60, 40)).astype(np.float32)
+    heat[0, :2] = (1.0, 0.0)  # both ends of the colormap
+    cmap = matplotlib.colormaps[colormap]
+    colour = cmap(heat, bytes=True)[..., :3].astype(np.float32)
+    formula = np.clip(np.rint((1.0 - alpha) * base.astype(np.float32) + alpha * colour), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(blend_with_colormap(base, heat, cmap, alpha), formula)

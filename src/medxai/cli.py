@@ -27,6 +27,7 @@ logger = logging.getLogger("medxai")
 console = Console(stderr=False)
 
 DEMO_NAME = "demo"
+_TABLE_ROWS = 50  # results shown in a console table; the files and --json hold them all
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", help="also write predictions.csv and skipped.csv here")
     predict.add_argument("--tta", help="test-time augmentation views, comma-separated: hflip, vflip, shift")
     predict.add_argument("--backend", help="torch (default) or onnxruntime (after `medxai export RUN`)")
+    predict.add_argument("--resume", action="store_true",
+                         help="continue an interrupted job: keep --out's results, predict only the inputs not in them")
     _add_hash_names(predict)
     _add_ood_action(predict)
     _add_inference_options(predict)
@@ -99,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--alpha", type=float, help="heatmap opacity (default 0.4)")
     explain.add_argument("--npy", action="store_true", default=None, help="also save raw heatmaps as .npy")
     explain.add_argument("--json", action="store_true")
+    explain.add_argument("--resume", action="store_true",
+                         help="continue an interrupted job: explain only the inputs not yet in --out's predictions.csv")
     explain.add_argument("--tta", help="test-time augmentation views, comma-separated: hflip, vflip, shift "
                                        "(probabilities and maps averaged)")
     _add_hash_names(explain)
@@ -330,35 +335,43 @@ def _run_predict(arguments: argparse.Namespace) -> int:
     from medxai.explain.tta import parse_tta
     from medxai.jobs.predict import predict_files
 
+    def print_json(predictions, skipped) -> None:  # as they are made: nothing accumulates
+        for prediction in predictions:
+            print(json.dumps(prediction.to_dict()), flush=True)
+        for name, reason in skipped:
+            print(json.dumps({"id": name, "skipped": reason}), flush=True)
+
     result = predict_files(arguments.run, arguments.images, out=arguments.out, hash_names=arguments.hash_names,
                            inference=_inference(arguments), ood_action=arguments.ood_action,
-                           tta=parse_tta(arguments.tta), backend=arguments.backend or "torch")
-    label_names = result.classifier.label_names
+                           tta=parse_tta(arguments.tta), backend=arguments.backend or "torch",
+                           resume=arguments.resume, keep=not (arguments.json or arguments.out),
+                           on_results=print_json if arguments.json else None)
     if arguments.json:
-        for prediction in result.predictions:
-            print(json.dumps(prediction.to_dict()))
-        for name, reason in result.skipped:
-            print(json.dumps({"id": name, "skipped": reason}))
-    else:
-        table = Table(title=f"{len(result.predictions)} predicted, {len(result.skipped)} skipped, "
-                            f"{result.inputs} inputs")
-        table.add_column("image", overflow="fold")
-        table.add_column("prediction")
-        for name in label_names:
-            table.add_column(f"p({name})", justify="right")
-        table.add_column("in domain")
-        # In-domain predictions first, out-of-domain ones after them: never mixed in one list unmarked.
-        ordered = sorted(result.predictions, key=lambda item: item.in_domain is False)
-        for prediction in ordered:
-            table.add_row(prediction.id, prediction.label,
-                          *(f"{prediction.probabilities[name]:.3f}" for name in label_names), _domain_cell(prediction))
+        return 0 if result.done or not result.inputs else 1
+    label_names = result.classifier.label_names
+    table = Table(title=f"{result.done} predicted, {len(result.skipped)} skipped, {result.inputs} inputs")
+    table.add_column("image", overflow="fold")
+    table.add_column("prediction")
+    for name in label_names:
+        table.add_column(f"p({name})", justify="right")
+    table.add_column("in domain")
+    # In-domain predictions first, out-of-domain ones after them: never mixed in one list unmarked.
+    ordered = sorted(result.predictions, key=lambda item: item.in_domain is False)
+    for prediction in ordered[:_TABLE_ROWS]:
+        table.add_row(prediction.id, prediction.label,
+                      *(f"{prediction.probabilities[name]:.3f}" for name in label_names), _domain_cell(prediction))
+    if result.predictions:
         console.print(table)
-        flagged = sum(item.in_domain is False for item in result.predictions)
-        if flagged:
-            console.print(f"[bold red]{flagged} input(s) are OUT OF DOMAIN[/]: unlike the training images; their "
-                          "predictions should not be trusted (domain_reasons in --json / predictions.csv)")
-        _print_skipped(result.skipped)
-    return 0 if result.predictions or not result.inputs else 1
+    if len(ordered) > _TABLE_ROWS:
+        console.print(f"... and {len(ordered) - _TABLE_ROWS} more (--out writes them all, --json prints them)")
+    if result.files:
+        console.print(f"{result.done} prediction(s) in {', '.join(str(path) for path in result.files)}")
+    flagged = sum(item.in_domain is False for item in result.predictions)
+    if flagged:
+        console.print(f"[bold red]{flagged} input(s) are OUT OF DOMAIN[/]: unlike the training images; their "
+                      "predictions should not be trusted (domain_reasons in --json / predictions.csv)")
+    _print_skipped(result.skipped)
+    return 0 if result.done or not result.inputs else 1
 
 
 def _run_explain(arguments: argparse.Namespace) -> int:
@@ -376,25 +389,27 @@ def _run_explain(arguments: argparse.Namespace) -> int:
     dicom = DicomOutput(arguments.dicom_sc, arguments.dicom_sc_copy_patient, arguments.dicom_sc_deidentify)
     result = explain_files(arguments.run, arguments.images, arguments.out, explain=explain, target=target,
                            hash_names=arguments.hash_names, dicom=dicom, inference=_inference(arguments),
-                           ood_action=arguments.ood_action)
+                           ood_action=arguments.ood_action, resume=arguments.resume)
     if arguments.json:
         for item in result.explained:
-            print(json.dumps({**item.explanation.prediction.to_dict(), "overlay": str(item.overlay),
-                              "explained_label": item.explanation.target_label, "method": item.explanation.method}))
+            print(json.dumps({**item.prediction.to_dict(), "overlay": str(item.overlay),
+                              "explained_label": item.target_label, "method": item.method}))
         for name, reason in result.skipped:
             print(json.dumps({"id": name, "skipped": reason}))
     else:
-        table = Table(title=f"{len(result.explained)} explained, {len(result.skipped)} skipped, {result.inputs} inputs "
+        table = Table(title=f"{result.done} explained, {len(result.skipped)} skipped, {result.inputs} inputs "
                             f"-> {arguments.out}")
         for column in ("image", "prediction", "explained", "overlay", "in domain"):
             table.add_column(column, overflow="fold")
-        for item in sorted(result.explained, key=lambda entry: entry.explanation.prediction.in_domain is False):
-            prediction = item.explanation.prediction
-            table.add_row(prediction.id, prediction.label, item.explanation.target_label, item.overlay.name,
-                          _domain_cell(prediction))
+        ordered = sorted(result.explained, key=lambda entry: entry.prediction.in_domain is False)
+        for item in ordered[:_TABLE_ROWS]:
+            table.add_row(item.prediction.id, item.prediction.label, item.target_label, item.overlay.name,
+                          _domain_cell(item.prediction))
         console.print(table)
+        if len(ordered) > _TABLE_ROWS:
+            console.print(f"... and {len(ordered) - _TABLE_ROWS} more (predictions.csv in {arguments.out})")
         _print_skipped(result.skipped)
-    return 0 if result.explained or not result.inputs else 1
+    return 0 if result.done or not result.inputs else 1
 
 
 def _run_check_data(arguments: argparse.Namespace) -> int:

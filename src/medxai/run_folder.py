@@ -54,6 +54,7 @@ __all__ = [
     "SPLIT_NAMES",
     "SKIPPED_FILE",
     "PREDICTIONS_FILE",
+    "PREDICTIONS_PARQUET_FILE",
     "REPORT_FILE",
     "FIGURE_KINDS",
 ]
@@ -72,6 +73,7 @@ EXPLAIN_SKIPPED_FILE = "explain_skipped.csv"
 GALLERY_FILE = "gallery.json"
 EVALUATION_FILE = "evaluation.json"
 PREDICTIONS_FILE = "predictions.csv"
+PREDICTIONS_PARQUET_FILE = "predictions.parquet"
 CHECKPOINTS_DIR = "checkpoints"
 SPLITS_DIR = "splits"
 FIGURES_DIR = "figures"

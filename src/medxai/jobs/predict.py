@@ -9,13 +9,17 @@ hidden clutter). Every output (CSV, JSON, overlay and DICOM file names, the skip
 
 from __future__ import annotations
 
-import csv
+import contextlib
 import logging
-from collections.abc import Callable, Sequence
+import os
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from medxai.classifier import Classifier, Explanation, Prediction
 from medxai.config import ExplainConfig, InferenceConfig
@@ -25,9 +29,9 @@ from medxai.explain import save_overlay
 from medxai.explain.overlay import OUT_OF_DOMAIN_BANNER
 from medxai.explain.tta import parse_tta
 from medxai.jobs.names import InputFile, InputNames
-from medxai.run_folder import PREDICTIONS_FILE, SKIPPED_FILE, write_skipped
+from medxai.jobs.results import ResultsJournal
 
-__all__ = ["predict_files", "explain_files", "BatchResult", "ExplainedFile", "DicomOutput", "OOD_ACTIONS"]
+__all__ = ["predict_files", "explain_files", "prediction_columns", "prediction_row", "BatchResult", "ExplainedFile", "DicomOutput", "OOD_ACTIONS"]
 
 #: What ``--ood-action`` does with an input the domain guard marks out of domain: keep it, marked (``in_domain``
 #: false in every output, a banner on its overlay), or leave it out of the results and list it in skipped.csv.
@@ -38,22 +42,31 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ExplainedFile:
-    """One explained input and the files written for it."""
+    """One explained input and the files written for it (the image and its heatmap are not kept: batch jobs forget
+    them once the overlay is written)."""
 
-    explanation: Explanation
+    prediction: Prediction
+    target_label: str
+    method: str
     overlay: Path
     extra: list[Path] = field(default_factory=list)
 
 
 @dataclass
 class BatchResult:
-    """What a batch job did: results in input order, skipped inputs with reasons, how many entries were found."""
+    """What a batch job did: results in input order, skipped inputs with reasons, how many entries were found.
+
+    With ``keep=False`` (``--out`` on the command line) ``predictions`` and ``explained`` stay empty and the
+    results are only in the files written; ``done`` counts them either way (with ``resume``, those of earlier runs
+    included)."""
 
     classifier: Classifier
     inputs: int
     predictions: list[Prediction] = field(default_factory=list)
     explained: list[ExplainedFile] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    done: int = 0
+    files: list[Path] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -81,34 +94,62 @@ def predict_files(
     ood_action: str = "mark",
     tta: Sequence[str] = (),
     backend: str = "torch",
+    resume: bool = False,
+    keep: bool = True,
+    on_results: Callable[[list[Prediction], list[tuple[str, str]]], None] | None = None,
 ) -> BatchResult:
-    """Classify files and folders; with ``out``, write ``predictions.csv`` and ``skipped.csv`` there.
+    """Classify files and folders, streaming: decode a chunk, predict it, write it, forget it.
+
+    With ``out``, ``predictions.csv`` and ``skipped.csv`` grow chunk by chunk (a killed job loses at most one
+    chunk) and ``predictions.parquet`` is written at the end.
 
     Args:
         ood_action: see :data:`OOD_ACTIONS`.
         tta: test-time augmentation views (:mod:`medxai.explain.tta`).
         backend: ``torch``, or ``onnxruntime`` to run the run's ONNX export (``medxai export``); the outputs are
             the same (see :data:`medxai.classifier.BACKENDS`).
+        resume: keep what ``out`` holds already and predict only the inputs in neither of its files.
+        keep: also return every prediction in :class:`BatchResult` (memory grows with the inputs; ``False`` for
+            large folders written to ``out``).
+        on_results: called with each chunk's predictions and skipped entries as they are made (``--json``).
     """
     inference = inference or InferenceConfig()
     _check_ood_action(ood_action)
+    if resume and out is None:
+        raise ConfigError("--resume needs --out: the folder whose predictions.csv is continued")
     names = InputNames(items, hash_names=hash_names)
-    with names.redacted_logs():
+    with names.redacted_logs(), contextlib.ExitStack() as stack:
         classifier = Classifier.from_run(run_dir, device=inference.device, batch_size=inference.batch_size, tta=tta,
                                          backend=backend)
-        result = BatchResult(classifier, len(names), skipped=list(names.skipped))
+        label_names = classifier.label_names
+        journal = None if out is None else stack.enter_context(
+            ResultsJournal(out, prediction_columns(label_names), resume=resume))
+        result = BatchResult(classifier, len(names))
+        done = journal.done if journal is not None else set()
 
         def predict(files: list[InputFile]) -> list[Prediction]:
             return classifier.predict([file.path for file in files], ids=[file.name for file in files])
 
-        predictions, skipped = _batched(names, predict, _chunk(classifier))
-        predictions, out_of_domain = _apply_ood_action(predictions, ood_action, lambda item: item)
-        result.predictions, result.skipped = predictions, result.skipped + skipped + out_of_domain
-        if out is not None:
-            folder = Path(out)
-            folder.mkdir(parents=True, exist_ok=True)
-            _write_predictions_csv(folder / PREDICTIONS_FILE, predictions, classifier.label_names)
-            write_skipped(folder / SKIPPED_FILE, result.skipped)
+        def deliver(predictions: list[Prediction], skipped: list[tuple[str, str]]) -> None:
+            predictions, out_of_domain = _apply_ood_action(predictions, ood_action, lambda item: item)
+            skipped = skipped + out_of_domain
+            if journal is not None:
+                journal.write((prediction_row(item, label_names) for item in predictions), skipped)
+            if keep:
+                result.predictions.extend(predictions)
+            if journal is None:
+                result.skipped.extend(skipped)
+            result.done += len(predictions)
+            if on_results is not None:
+                on_results(predictions, skipped)
+
+        deliver([], [entry for entry in names.skipped if entry[0] not in done])
+        todo = [file for file in names.files if file.name not in done]
+        for predictions, skipped in _stream(names, todo, predict, _chunk(classifier), "predict"):
+            deliver(predictions, skipped)
+        if journal is not None:
+            result.files = journal.close()
+            result.skipped, result.done = list(journal.skipped), journal.written
     return result
 
 
@@ -123,13 +164,22 @@ def explain_files(
     dicom: DicomOutput = DicomOutput(),
     inference: InferenceConfig | None = None,
     ood_action: str = "mark",
+    resume: bool = False,
+    keep: bool = True,
+    writers: int | None = None,
 ) -> BatchResult:
     """Write a heatmap overlay (PNG, at each image's original resolution) per input into ``out``, plus
-    ``skipped.csv``; raw maps as ``.npy`` with ``explain.save_npy``; DICOM Secondary Captures with ``dicom``.
+    ``predictions.csv``, ``predictions.parquet`` and ``skipped.csv``; raw maps as ``.npy`` with
+    ``explain.save_npy``; DICOM Secondary Captures with ``dicom``.
+
+    Streaming: a chunk of (at most :data:`EXPLAIN_CHUNK`) images is decoded and explained, its overlays are coloured,
+    encoded and written by ``writers`` threads while the next chunk is explained, and each input's row is written
+    once its files are; memory is bounded by the chunk and the writes in flight, not by the number of inputs.
 
     Each overlay explains the label the run's decision rule reports, unless ``target`` names a class. An input the
     domain guard marks out of domain gets a red banner across its overlay (``ood_action="mark"``) or is listed in
     ``skipped.csv`` instead (``"skip"``). ``explain.tta`` averages probabilities and maps over test-time views.
+    ``resume`` and ``keep``: see :func:`predict_files`.
     """
     explain = explain or ExplainConfig()
     inference = inference or InferenceConfig()
@@ -138,24 +188,45 @@ def explain_files(
         raise ConfigError("--dicom-sc-copy-patient and --dicom-sc-deidentify contradict each other; choose one")
     names = InputNames(items, hash_names=hash_names)
     folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    with names.redacted_logs():
+    with names.redacted_logs(), contextlib.ExitStack() as stack:
         classifier = Classifier.from_run(run_dir, device=inference.device, batch_size=inference.batch_size,
                                          tta=parse_tta(explain.tta))
-        result = BatchResult(classifier, len(names), skipped=list(names.skipped))
+        label_names = classifier.label_names
+        journal = stack.enter_context(ResultsJournal(folder, prediction_columns(label_names), resume=resume))
+        result = BatchResult(classifier, len(names))
         stems = {file.name: file for file in names.files}
+        workers = writers or _writer_threads()
+        pool = stack.enter_context(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="medxai-overlay"))
+        in_flight: deque[tuple[Future, Prediction]] = deque()
+
+        def finish_oldest() -> None:
+            future, prediction = in_flight.popleft()
+            written = future.result()
+            journal.write([prediction_row(prediction, label_names)])
+            if keep:
+                result.explained.append(written)
 
         def explain_batch(files: list[InputFile]) -> list[Explanation]:
             return classifier.explain([file.path for file in files], ids=[file.name for file in files],
                                       method=explain.method, target=target, layer=explain.layer)
 
-        explanations, skipped = _batched(names, explain_batch, _chunk(classifier))
-        explanations, out_of_domain = _apply_ood_action(explanations, ood_action, lambda item: item.prediction)
-        result.skipped += skipped + out_of_domain
-        for explanation in explanations:
-            result.explained.append(_write_outputs(explanation, stems[explanation.prediction.id], folder, explain,
-                                                   dicom))
-        write_skipped(folder / SKIPPED_FILE, result.skipped)
+        journal.write([], [entry for entry in names.skipped if entry[0] not in journal.done])
+        todo = [file for file in names.files if file.name not in journal.done]
+        for explanations, skipped in _stream(names, todo, explain_batch, _chunk(classifier, EXPLAIN_CHUNK),
+                                             "explain"):
+            explanations, out_of_domain = _apply_ood_action(explanations, ood_action, lambda item: item.prediction)
+            journal.write([], skipped + out_of_domain)
+            for explanation in explanations:
+                future = pool.submit(_write_outputs, explanation, stems[explanation.prediction.id], folder, explain,
+                                     dicom)
+                in_flight.append((future, explanation.prediction))
+                while len(in_flight) > 2 * workers:  # bounded: each pending write holds a full-size image
+                    finish_oldest()
+            del explanations
+        while in_flight:
+            finish_oldest()
+        result.files = journal.close()
+        result.skipped, result.done = list(journal.skipped), journal.written
     return result
 
 
@@ -165,7 +236,7 @@ def _write_outputs(
     banner = OUT_OF_DOMAIN_BANNER if explanation.prediction.in_domain is False else None
     overlay = save_overlay(folder / f"{file.stem}.png", explanation.image, explanation.heatmap,
                            colormap=explain.colormap, alpha=explain.alpha, banner=banner)
-    written = ExplainedFile(explanation, overlay)
+    written = ExplainedFile(explanation.prediction, explanation.target_label, explanation.method, overlay)
     if explain.save_npy:
         np.save(folder / f"{file.stem}.npy", explanation.heatmap)
         written.extra.append(folder / f"{file.stem}.npy")
@@ -204,38 +275,52 @@ def _apply_ood_action(results: list, action: str, prediction_of: Callable) -> tu
     return kept, skipped
 
 
+#: Images explained at a time: each holds its original and a full-size float heatmap until its overlay is written.
+EXPLAIN_CHUNK = 8
+
+
 def _chunk(classifier: Classifier, most: int = 32) -> int:
     """Files decoded at a time: a batch, but at most ``most`` originals (full-resolution images are large)."""
     return max(1, min(classifier.batch_size, most))
 
 
-def _batched(names: InputNames, function: Callable[[list[InputFile]], list], chunk: int):
-    """Run ``function`` on chunks of files; a chunk with a bad file is retried file by file so nothing is lost."""
-    results, skipped = [], []
-    files = names.files
-    for start in range(0, len(files), chunk):
-        part = list(files[start : start + chunk])
-        try:
-            results.extend(function(part))
-        except InvalidImageError:
-            for file in part:
-                try:
-                    results.extend(function([file]))
-                except InvalidImageError as error:
-                    reason = names.redact(error.reason)
-                    skipped.append((file.name, reason))
-                    logger.warning("skipped %s: %s", file.name, reason)
-    return results, skipped
+def _stream(names: InputNames, files: Sequence[InputFile], function: Callable[[list[InputFile]], list], chunk: int,
+            description: str) -> Iterator[tuple[list, list[tuple[str, str]]]]:
+    """``function`` over chunks of ``files``, yielding each chunk's results and skipped entries, with a progress bar
+    (rate and ETA); a chunk with a bad file is retried file by file, so nothing is lost."""
+    with tqdm(total=len(files), desc=description, unit="img", disable=None) as progress:
+        for start in range(0, len(files), chunk):
+            part = list(files[start : start + chunk])
+            results, skipped = [], []
+            try:
+                results = function(part)
+            except InvalidImageError:
+                for file in part:
+                    try:
+                        results.extend(function([file]))
+                    except InvalidImageError as error:
+                        reason = names.redact(error.reason)
+                        skipped.append((file.name, reason))
+                        logger.warning("skipped %s: %s", file.name, reason)
+            progress.update(len(part))
+            yield results, skipped
 
 
-def _write_predictions_csv(path: Path, predictions: Sequence[Prediction], label_names: Sequence[str]) -> None:
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["file", "prediction", *(f"p_{name}" for name in label_names), "decision_rule",
-                         "in_domain", "domain_score", "domain_reasons"])
-        for prediction in predictions:
-            writer.writerow([prediction.id, prediction.label,
-                             *(prediction.probabilities[name] for name in label_names), prediction.decision_rule,
-                             "" if prediction.in_domain is None else str(prediction.in_domain).lower(),
-                             "" if prediction.domain_score is None else prediction.domain_score,
-                             "; ".join(prediction.domain_reasons)])
+def _writer_threads() -> int:
+    """Overlay writers: colouring and PNG encoding release the GIL, so one per core beyond the model's."""
+    return max(1, min(4, (os.cpu_count() or 2)))
+
+
+def prediction_columns(label_names: Sequence[str]) -> list[str]:
+    """The columns of ``predictions.csv`` (and of its Parquet twin), in order."""
+    return ["file", "prediction", *(f"p_{name}" for name in label_names), "decision_rule", "in_domain",
+            "domain_score", "domain_reasons"]
+
+
+def prediction_row(prediction: Prediction, label_names: Sequence[str]) -> dict[str, object]:
+    """One prediction as a row of :func:`prediction_columns` (``in_domain`` and ``domain_score`` None without a
+    guard; the reasons joined by ``"; "``)."""
+    values = [prediction.id, prediction.label, *(prediction.probabilities[name] for name in label_names),
+              prediction.decision_rule, prediction.in_domain, prediction.domain_score,
+              "; ".join(prediction.domain_reasons)]
+    return dict(zip(prediction_columns(label_names), values))
