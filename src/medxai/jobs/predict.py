@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -31,7 +32,23 @@ from medxai.explain.tta import parse_tta
 from medxai.jobs.names import InputFile, InputNames
 from medxai.jobs.results import ResultsJournal
 
-__all__ = ["predict_files", "explain_files", "prediction_columns", "prediction_row", "BatchResult", "ExplainedFile", "DicomOutput", "OOD_ACTIONS"]
+__all__ = [
+    "EXPLAIN_CHUNK",
+    "OOD_ACTIONS",
+    "PREDICT_CHUNK",
+    "BatchResult",
+    "DicomOutput",
+    "ExplainedFile",
+    "check_ood_action",
+    "chunk_size",
+    "explain_files",
+    "one_by_one_on_failure",
+    "out_of_domain_reason",
+    "predict_files",
+    "prediction_columns",
+    "prediction_row",
+    "write_explanation_files",
+]
 
 #: What ``--ood-action`` does with an input the domain guard marks out of domain: keep it, marked (``in_domain``
 #: false in every output, a banner on its overlay), or leave it out of the results and list it in skipped.csv.
@@ -114,7 +131,7 @@ def predict_files(
         on_results: called with each chunk's predictions and skipped entries as they are made (``--json``).
     """
     inference = inference or InferenceConfig()
-    _check_ood_action(ood_action)
+    check_ood_action(ood_action)
     if resume and out is None:
         raise ConfigError("--resume needs --out: the folder whose predictions.csv is continued")
     names = InputNames(items, hash_names=hash_names)
@@ -145,7 +162,7 @@ def predict_files(
 
         deliver([], [entry for entry in names.skipped if entry[0] not in done])
         todo = [file for file in names.files if file.name not in done]
-        for predictions, skipped in _stream(names, todo, predict, _chunk(classifier), "predict"):
+        for predictions, skipped in _stream(names, todo, predict, chunk_size(classifier.batch_size), "predict"):
             deliver(predictions, skipped)
         if journal is not None:
             result.files = journal.close()
@@ -183,7 +200,7 @@ def explain_files(
     """
     explain = explain or ExplainConfig()
     inference = inference or InferenceConfig()
-    _check_ood_action(ood_action)
+    check_ood_action(ood_action)
     if dicom.copy_patient and dicom.deidentify:
         raise ConfigError("--dicom-sc-copy-patient and --dicom-sc-deidentify contradict each other; choose one")
     names = InputNames(items, hash_names=hash_names)
@@ -212,12 +229,12 @@ def explain_files(
 
         journal.write([], [entry for entry in names.skipped if entry[0] not in journal.done])
         todo = [file for file in names.files if file.name not in journal.done]
-        for explanations, skipped in _stream(names, todo, explain_batch, _chunk(classifier, EXPLAIN_CHUNK),
+        for explanations, skipped in _stream(names, todo, explain_batch, chunk_size(classifier.batch_size, explaining=True),
                                              "explain"):
             explanations, out_of_domain = _apply_ood_action(explanations, ood_action, lambda item: item.prediction)
             journal.write([], skipped + out_of_domain)
             for explanation in explanations:
-                future = pool.submit(_write_outputs, explanation, stems[explanation.prediction.id], folder, explain,
+                future = pool.submit(write_explanation_files, explanation, stems[explanation.prediction.id], folder, explain,
                                      dicom)
                 in_flight.append((future, explanation.prediction))
                 while len(in_flight) > 2 * workers:  # bounded: each pending write holds a full-size image
@@ -230,9 +247,11 @@ def explain_files(
     return result
 
 
-def _write_outputs(
-    explanation: Explanation, file: InputFile, folder: Path, explain: ExplainConfig, dicom: DicomOutput
+def write_explanation_files(
+    explanation: Explanation, file: InputFile, folder: Path, explain: ExplainConfig, dicom: DicomOutput = DicomOutput()
 ) -> ExplainedFile:
+    """``<stem>.png`` (the overlay, with the out-of-domain banner where the guard flagged the input), ``<stem>.npy``
+    with ``explain.save_npy``, and a DICOM Secondary Capture with ``dicom`` (the Ray engine's actors call this too)."""
     banner = OUT_OF_DOMAIN_BANNER if explanation.prediction.in_domain is False else None
     overlay = save_overlay(folder / f"{file.stem}.png", explanation.image, explanation.heatmap,
                            colormap=explain.colormap, alpha=explain.alpha, banner=banner)
@@ -253,7 +272,8 @@ def _write_outputs(
     return written
 
 
-def _check_ood_action(action: str) -> None:
+def check_ood_action(action: str) -> None:
+    """Raises ConfigError unless ``action`` is one of :data:`OOD_ACTIONS`."""
     if action not in OOD_ACTIONS:
         raise ConfigError(f"--ood-action must be one of {list(OOD_ACTIONS)}, got {action!r}")
 
@@ -266,7 +286,7 @@ def _apply_ood_action(results: list, action: str, prediction_of: Callable) -> tu
     for item in results:
         prediction = prediction_of(item)
         if prediction.in_domain is False:
-            skipped.append((prediction.id, "out of domain: " + "; ".join(prediction.domain_reasons)))
+            skipped.append((prediction.id, out_of_domain_reason(prediction)))
         else:
             kept.append(item)
     if skipped:
@@ -275,13 +295,23 @@ def _apply_ood_action(results: list, action: str, prediction_of: Callable) -> tu
     return kept, skipped
 
 
+def out_of_domain_reason(prediction: Prediction) -> str:
+    """The ``skipped.csv`` reason of an input left out as out of domain (``--ood-action skip``)."""
+    return "out of domain: " + "; ".join(prediction.domain_reasons)
+
+
 #: Images explained at a time: each holds its original and a full-size float heatmap until its overlay is written.
 EXPLAIN_CHUNK = 8
 
 
-def _chunk(classifier: Classifier, most: int = 32) -> int:
-    """Files decoded at a time: a batch, but at most ``most`` originals (full-resolution images are large)."""
-    return max(1, min(classifier.batch_size, most))
+#: Images predicted at a time, at most: full-resolution originals are large.
+PREDICT_CHUNK = 32
+
+
+def chunk_size(batch_size: int, *, explaining: bool = False) -> int:
+    """Files decoded at a time: a batch, but at most :data:`PREDICT_CHUNK` originals (:data:`EXPLAIN_CHUNK` when
+    explaining)."""
+    return max(1, min(batch_size, EXPLAIN_CHUNK if explaining else PREDICT_CHUNK))
 
 
 def _stream(names: InputNames, files: Sequence[InputFile], function: Callable[[list[InputFile]], list], chunk: int,
@@ -291,19 +321,29 @@ def _stream(names: InputNames, files: Sequence[InputFile], function: Callable[[l
     with tqdm(total=len(files), desc=description, unit="img", disable=None) as progress:
         for start in range(0, len(files), chunk):
             part = list(files[start : start + chunk])
-            results, skipped = [], []
-            try:
-                results = function(part)
-            except InvalidImageError:
-                for file in part:
-                    try:
-                        results.extend(function([file]))
-                    except InvalidImageError as error:
-                        reason = names.redact(error.reason)
-                        skipped.append((file.name, reason))
-                        logger.warning("skipped %s: %s", file.name, reason)
+            results, failures = one_by_one_on_failure(function, part)
+            skipped = []
+            for file, error in failures:
+                reason = names.redact(error.reason)
+                skipped.append((file.name, reason))
+                logger.warning("skipped %s: %s", file.name, reason)
             progress.update(len(part))
             yield results, skipped
+
+
+def one_by_one_on_failure(function: Callable[[list], list], items: list) -> tuple[list, list[tuple[Any, Exception]]]:
+    """``function(items)``; if an item cannot be read (:class:`InvalidImageError`), each item alone, so that one
+    broken file costs nothing else. Returns the results and the ``(item, error)`` of the items that failed."""
+    try:
+        return function(items), []
+    except InvalidImageError:
+        results, failures = [], []
+        for item in items:
+            try:
+                results.extend(function([item]))
+            except InvalidImageError as error:
+                failures.append((item, error))
+        return results, failures
 
 
 def _writer_threads() -> int:

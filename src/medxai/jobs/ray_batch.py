@@ -27,25 +27,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
 from medxai.classifier import Classifier, Explanation, Prediction
 from medxai.config import ExplainConfig
-from medxai.errors import ConfigError, InvalidImageError
-from medxai.explain import save_overlay
-from medxai.explain.overlay import OUT_OF_DOMAIN_BANNER
+from medxai.errors import ConfigError
 from medxai.explain.tta import parse_tta
 from medxai.jobs.names import InputFile, InputNames
 from medxai.jobs.predict import (
-    EXPLAIN_CHUNK,
-    OOD_ACTIONS,
+    check_ood_action,
+    chunk_size,
+    one_by_one_on_failure,
+    out_of_domain_reason,
     prediction_columns,
     prediction_row,
+    write_explanation_files,
 )
-from medxai.jobs.results import ResultsJournal
+from medxai.jobs.results import ResultsJournal, prediction_schema
 from medxai.run_folder import RunFolder
 
 __all__ = ["RayBatchResult", "predict_with_ray", "ray_session"]
@@ -53,7 +53,6 @@ __all__ = ["RayBatchResult", "predict_with_ray", "ray_session"]
 logger = logging.getLogger(__name__)
 
 _LOCALHOST = "127.0.0.1"
-_MOST_FILES_PER_BATCH = 32  # default: at most this many originals decoded at once, as predict_files does
 
 
 @dataclass
@@ -122,8 +121,7 @@ def predict_with_ray(
         ConfigError: Ray is not installed, the cluster cannot be reached, or an option is invalid.
         CheckpointError: ``run_dir`` is not a trained run.
     """
-    if ood_action not in OOD_ACTIONS:
-        raise ConfigError(f"--ood-action must be one of {list(OOD_ACTIONS)}, got {ood_action!r}")
+    check_ood_action(ood_action)
     if actors is not None and actors < 1:
         raise ConfigError(f"--actors must be at least 1, got {actors}")
     if batch_size is not None and batch_size < 1:
@@ -133,8 +131,7 @@ def predict_with_ray(
     run = RunFolder(run_dir)
     run.check_is_run()
     label_names = list(run.read_card().label_names)
-    most = _MOST_FILES_PER_BATCH if explain is None else EXPLAIN_CHUNK  # each explained image holds a full-size map
-    batch_size = batch_size or max(1, min(run.training_config().batch_size, most))
+    batch_size = batch_size or chunk_size(run.training_config().batch_size, explaining=explain is not None)
     folder = Path(out)
     names = InputNames(items, hash_names=hash_names)
     result = RayBatchResult(inputs=len(names))
@@ -308,16 +305,10 @@ def _split(table: pa.Table, names: InputNames) -> tuple[list[dict[str, Any]], li
 # ----------------------------------------------------------------------------------------------------------------
 # The actors' side.
 
-_OUT_OF_DOMAIN = "out of domain: "  # the reason predict_files gives, followed by the guard's reasons
-
-
 def _schema(label_names: Sequence[str], *, overlays: bool) -> pa.Schema:
     """Every column an actor returns: the input index, the prediction columns, the overlay's file name (relative to
     ``out``), and ``status`` (``ok`` / ``skipped``) with its ``reason``."""
-    types = {"file": pa.string(), "prediction": pa.string(), "decision_rule": pa.string(), "in_domain": pa.bool_(),
-             "domain_score": pa.float64(), "domain_reasons": pa.string()}
-    fields = [pa.field("index", pa.int64())]
-    fields += [pa.field(name, types.get(name, pa.float64())) for name in prediction_columns(label_names)]
+    fields = [pa.field("index", pa.int64()), *prediction_schema(prediction_columns(label_names))]
     if overlays:
         fields.append(pa.field("overlay", pa.string()))
     return pa.schema([*fields, pa.field("status", pa.string()), pa.field("reason", pa.string())])
@@ -339,17 +330,10 @@ class _Predictor:
         self.schema = _schema(label_names, overlays=explain is not None)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
-        try:
-            results = self._rows(rows)
-        except InvalidImageError:  # one file at a time: only the unreadable ones are lost
-            results = []
-            for row in rows:
-                try:
-                    results.extend(self._rows([row]))
-                except InvalidImageError as error:
-                    results.append({"index": row["index"], "file": row["name"], "status": "skipped",
-                                    "reason": error.reason})
+        results, failures = one_by_one_on_failure(self._rows, batch.to_pylist())
+        results += [{"index": row["index"], "file": row["name"], "status": "skipped", "reason": error.reason}
+                    for row, error in failures]
+        results.sort(key=lambda row: row["index"])
         return pa.Table.from_pylist(results, schema=self.schema)
 
     def _rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -367,18 +351,14 @@ class _Predictor:
         values = {"index": row["index"], **prediction_row(prediction, self.label_names), "status": "ok",
                   "reason": None}
         if self.ood_action == "skip" and prediction.in_domain is False:
-            values.update(status="skipped", reason=_OUT_OF_DOMAIN + "; ".join(prediction.domain_reasons))
+            values.update(status="skipped", reason=out_of_domain_reason(prediction))
         elif explanation is not None:
-            values["overlay"] = self._write_overlay(row["stem"], explanation)
+            values["overlay"] = self._write_overlay(row, explanation)
         return values
 
-    def _write_overlay(self, stem: str, explanation: Explanation) -> str:
-        banner = OUT_OF_DOMAIN_BANNER if explanation.prediction.in_domain is False else None
-        path = save_overlay(self.out / f"{stem}.png", explanation.image, explanation.heatmap,
-                            colormap=self.explain.colormap, alpha=self.explain.alpha, banner=banner)
-        if self.explain.save_npy:
-            np.save(self.out / f"{stem}.npy", explanation.heatmap)
-        return path.name
+    def _write_overlay(self, row: dict[str, Any], explanation: Explanation) -> str:
+        file = InputFile(Path(row["path"]), row["name"], row["stem"])
+        return write_explanation_files(explanation, file, self.out, self.explain).overlay.name
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -16,9 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from medxai.errors import ConfigError
-from medxai.run_folder import PREDICTIONS_FILE, PREDICTIONS_PARQUET_FILE, SKIPPED_FILE, read_skipped
+from medxai.run_folder import (
+    PREDICTIONS_FILE,
+    PREDICTIONS_PARQUET_FILE,
+    SKIPPED_FILE,
+    read_skipped,
+)
 
-__all__ = ["ResultsJournal", "PARQUET_FILE", "csv_value"]
+__all__ = ["PARQUET_FILE", "ResultsJournal", "csv_to_parquet", "csv_value", "prediction_schema"]
 
 logger = logging.getLogger(__name__)
 
@@ -144,22 +149,29 @@ def _cut_partial_last_line(path: Path) -> None:
         handle.truncate(0)
 
 
-def csv_to_parquet(csv_path: Path, parquet_path: Path, columns: Sequence[str], block_bytes: int = 1 << 24) -> Path:
-    """Convert a predictions CSV to Parquet, streaming (``block_bytes`` of CSV at a time).
-
-    Column types: ``p_*`` and ``domain_score`` float64, ``in_domain`` nullable bool, everything else string."""
+def prediction_schema(columns: Sequence[str]):
+    """The Arrow schema of prediction rows: ``p_*`` and ``domain_score`` float64, ``in_domain`` bool, the rest
+    strings (the Parquet file's, and what the Ray engine's actors return)."""
     import pyarrow as pa
-    from pyarrow import csv as pa_csv
-    from pyarrow import parquet as pq
 
     def column_type(name: str) -> pa.DataType:
-        if name.startswith("p_") or name in ("domain_score",):
+        if name.startswith("p_") or name == "domain_score":
             return pa.float64()
         if name == "in_domain":
             return pa.bool_()
         return pa.string()
 
-    schema = pa.schema([(name, column_type(name)) for name in columns])
+    return pa.schema([(name, column_type(name)) for name in columns])
+
+
+def csv_to_parquet(csv_path: Path, parquet_path: Path, columns: Sequence[str], block_bytes: int = 1 << 24) -> Path:
+    """Convert a predictions CSV to Parquet, streaming (``block_bytes`` of CSV at a time).
+
+    Column types: ``p_*`` and ``domain_score`` float64, ``in_domain`` nullable bool, everything else string."""
+    from pyarrow import csv as pa_csv
+    from pyarrow import parquet as pq
+
+    schema = prediction_schema(columns)
     convert = pa_csv.ConvertOptions(column_types={name: schema.field(name).type for name in columns},
                                     true_values=["true"], false_values=["false"], null_values=[""],
                                     strings_can_be_null=False)
