@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import socket
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +14,9 @@ import pytest
 
 os.environ.setdefault("MEDXAI_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# The preprocessed-image cache of this test session (subprocesses inherit it), never the user's ~/.cache.
+os.environ["MEDXAI_CACHE_DIR"] = tempfile.mkdtemp(prefix="medxai-test-cache-")
+atexit.register(shutil.rmtree, os.environ["MEDXAI_CACHE_DIR"], True)
 
 
 @pytest.fixture(autouse=True)

@@ -137,7 +137,7 @@ def test_batchnorm_recalibration_gives_the_statistics_of_the_clean_images():
     handle = norm.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0]))
     model.eval()
     with torch.no_grad():
-        model(model_input(split.images, context))
+        model(model_input(split.images.codes(slice(None)), context))
     handle.remove()
     inputs = captured[0]
     # Cumulative averages over batches of 16, 16 and 8 images: the batch means weighted equally (momentum None).

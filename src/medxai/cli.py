@@ -277,6 +277,7 @@ def _run_demo(arguments: argparse.Namespace) -> int:
 def _run_train(arguments: argparse.Namespace) -> int:
     from medxai.config import RunConfig, load_config
     from medxai.jobs.train import resume_config, train_run
+    from medxai.train.distributed import from_environment
 
     overrides = list(arguments.overrides) + _overrides({
         "data.source": arguments.data, "data.positive_label": arguments.positive_label,
@@ -294,6 +295,8 @@ def _run_train(arguments: argparse.Namespace) -> int:
         config = load_config(arguments.preset, overrides + _overrides({"name": arguments.name,
                                                                         "out_dir": arguments.out}))
     run_dir = train_run(config, resume=arguments.resume, overwrite=arguments.overwrite)
+    if not from_environment().is_main:  # under torchrun, rank 0 speaks for the job
+        return 0
     _print_metrics_table(run_dir, title=f"{config.data.source}, {config.model.name}")
     console.print(f"run folder: [bold]{run_dir}[/]")
     _print_report_path(run_dir)

@@ -70,7 +70,12 @@ class DataConfig:
     test_fraction: float = 0.0  # carved too when the data has no test split and this is > 0
     patient_pattern: str | None = None  # regex on file names; group 1 = patient id, used to group splits
     split_seed: int = 0  # seed of the carved splits (independent of the training seed)
-    num_workers: int = 0  # decoding processes; 0 decodes in the main process
+    num_workers: int | None = None  # decoding processes; None: one per core (at most 8) for splits of 256+ images
+    # Keep the preprocessed splits on disk (memory-mapped shards keyed by the files and the preprocessing) so that
+    # later runs, --resume, evaluate and explain-eval decode nothing; false keeps them in memory only.
+    cache: bool = True
+    cache_dir: str | None = None  # None: $MEDXAI_CACHE_DIR, else $XDG_CACHE_HOME/medxai, else ~/.cache/medxai
+    cache_dtype: str = "uint16"  # the stored codes: "uint16" (any source) or "uint8" (half the bytes; 8-bit data)
     drop_test_duplicates: bool = False  # drop test images with an exact/near duplicate in train (data_check.json)
     near_duplicate_bits: int = 24  # largest pHash distance (of 256 bits) of a near duplicate; < 0 turns it off
 

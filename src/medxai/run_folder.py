@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from medxai.config import RunConfig, TrainConfig
+from medxai.config import DataConfig, RunConfig, TrainConfig
 from medxai.data.sources.base import SPLIT_NAMES
 from medxai.errors import CheckpointError, ConfigError, DataError
 from medxai.models.card import ModelCard
@@ -428,6 +428,14 @@ class RunFolder(EvaluationFolder):
             return self.read_config().train
         except (CheckpointError, ConfigError):
             return TrainConfig()
+
+    def data_config(self) -> DataConfig:
+        """The run's data settings (for the cache: where it lies and its code type); the defaults when
+        ``config.yaml`` is missing or unreadable."""
+        try:
+            return self.read_config().data
+        except (CheckpointError, ConfigError):
+            return DataConfig()
 
     def write_config(self, config: RunConfig) -> Path:
         self.path.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from medxai.config import RunConfig
 from medxai.data import open_source
-from medxai.data.prepared import prepare_split
+from medxai.data.prepared import prepare_split, preparation_options
 from medxai.data.preprocess import Preprocessor
 from medxai.errors import ConfigError
 from medxai.jobs.evaluate import select_records
@@ -71,8 +71,8 @@ def build_ensemble(
     preprocessor = Preprocessor(card.preprocess)
     records = {split: select_records(source, split, members[0], True, config.data.source)[0]
                for split in members[0].read_splits()}
-    prepared = {split: prepare_split(source, items, preprocessor, num_workers=config.data.num_workers,
-                                     description=split) for split, items in records.items()}
+    prepared = {split: prepare_split(source, items, preprocessor, description=split,
+                                     **preparation_options(config.data)) for split, items in records.items()}
     context = BatchContext(preprocessor, resolve_device(config.train.device), config.train.batch_size,
                            config.train.amp, config.train.channels_last)
     model.to(context.device).eval()

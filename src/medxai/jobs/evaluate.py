@@ -29,7 +29,7 @@ from medxai.classifier import Classifier
 from medxai.config import InferenceConfig, TrainConfig
 from medxai.data import Record, Source, open_source
 from medxai.data.labels import match_labels
-from medxai.data.prepared import PreparedSplit, prepare_split
+from medxai.data.prepared import PreparedSplit, prepare_split, preparation_options
 from medxai.errors import ConfigError, DataError
 from medxai.evaluate.calibration import LogitCalibrator, card_calibrator
 from medxai.evaluate.domain import DomainGuard, summarize_verdicts
@@ -125,7 +125,7 @@ def evaluate_run(
     folder = run.evaluation(name or default_evaluation_name(data, split))
     prepare_evaluation_folder(folder)
     prepared = prepare_split(source, records, classifier.preprocessor, label_map=label_mapping,
-                             description=f"{split} ({data})")
+                             description=f"{split} ({data})", **preparation_options(run.data_config()))
     training = run.training_config()
     context = BatchContext(classifier.preprocessor, classifier.device, classifier.batch_size)
     evaluation = evaluate_prepared(classifier.model, prepared, split, card, context, guard=classifier.guard,

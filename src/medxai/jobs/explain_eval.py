@@ -27,7 +27,8 @@ from medxai.classifier import Classifier
 from medxai.config import ExplainEvalConfig, InferenceConfig
 from medxai.data import open_source
 from medxai.data.labels import match_labels
-from medxai.data.prepared import prepare_split
+from medxai.data.cache import to_unit_range
+from medxai.data.prepared import prepare_split, preparation_options
 from medxai.errors import ConfigError
 from medxai.explain import CAM_METHODS, get_cam_method
 from medxai.explain.faithfulness import FaithfulnessSummary, faithfulness_metrics, random_saliency
@@ -108,10 +109,11 @@ def evaluate_explanations(
     if not own:
         prepare_evaluation_folder(out)
     prepared = prepare_split(source, records, classifier.preprocessor, label_map=label_mapping,
-                             description=f"{split} (explain-eval)")
+                             description=f"{split} (explain-eval)", **preparation_options(run.data_config()))
     model = classifier.model.eval()
     images = torch.cat([
-        classifier.preprocessor.normalize(part.float().to(classifier.device)) for part in prepared.images.split(256)
+        classifier.preprocessor.normalize(to_unit_range(prepared.images.codes(slice(start, start + 256)).to(
+            classifier.device))) for start in range(0, len(prepared), 256)
     ])
     logger.info("explain-eval on %d images of %s (%s), methods: %s", len(prepared), data, selection,
                 ", ".join(method_classes))

@@ -27,7 +27,7 @@ from medxai.data import Record, Source, is_hidden_or_system, open_source
 from medxai.data.augment import BatchAugmenter
 from medxai.data.check import check_prepared, leaked_ids
 from medxai.data.labels import choose_positive_label
-from medxai.data.prepared import PreparedSplit, prepare_split
+from medxai.data.prepared import PreparedSplit, prepare_split, preparation_options
 from medxai.data.preprocess import Preprocessor, channel_statistics
 from medxai.data.splits import SplitPlan, plan_splits
 from medxai.errors import ConfigError, DataError
@@ -44,7 +44,8 @@ from medxai.models.card import ModelCard
 from medxai.models.checkpoint import save_weights
 from medxai.report.html import build_report
 from medxai.run_folder import RunFolder, check_folder_name
-from medxai.train import BatchContext, fit, resolve_device
+from medxai.train import BatchContext, distributed, fit, resolve_device
+from medxai.train.distributed import Distributed
 from medxai.train.loop import predict_split_with_features
 
 __all__ = [
@@ -62,6 +63,8 @@ RESUMABLE_KEYS = (
     "train.threads",
     "train.bootstrap_resamples",
     "data.num_workers",
+    "data.cache",
+    "data.cache_dir",
     "explain.method",
     "explain.layer",
     "explain.colormap",
@@ -74,6 +77,9 @@ RESUMABLE_KEYS = (
 def train_run(config: RunConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
     """Train, evaluate and explain as ``config`` says; return the run folder.
 
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) this is one rank of a DDP job (:mod:`medxai.train.distributed`); after
+    ``torchrun`` restarts failed workers (``--max-restarts``) the run continues from its last checkpoint.
+
     Args:
         config: the resolved configuration (for ``resume``, from :func:`resume_config`).
         resume: continue the run in ``out_dir/name`` from its last checkpoint.
@@ -83,8 +89,19 @@ def train_run(config: RunConfig, *, resume: bool = False, overwrite: bool = Fals
         ConfigError: a bad option, a run folder that may not be written, or a resume that would change the run.
         DataError: unusable data.
     """
+    job, device_name = distributed.start(config.train.device)
+    try:
+        return _train(config, job, device_name, resume=resume, overwrite=overwrite)
+    finally:
+        distributed.stop(job)
+
+
+def _train(config: RunConfig, job: Distributed, device_name: str, *, resume: bool, overwrite: bool) -> Path:
+    """:func:`train_run` in this process: the whole job on one process, or one rank's part under ``torchrun``
+    (every rank prepares the data and trains; rank 0 alone writes the run folder and finishes the run)."""
     run = RunFolder(Path(config.out_dir) / check_folder_name(config.name))
     _check_operating_point_options(config)
+    resume, overwrite = _after_restart(run, resume, overwrite)
     if resume:
         run.check_resumable()
     else:
@@ -95,7 +112,8 @@ def train_run(config: RunConfig, *, resume: bool = False, overwrite: bool = Fals
     positive = choose_positive_label(source.label_names, config.data.positive_label)
     if resume:
         _check_same_data(run, source)
-    else:
+    job.barrier()  # every rank has checked the folder before rank 0 creates it
+    if job.is_main and not resume:
         run.prepare_new(overwrite=overwrite, protected=_data_locations(source))
         run.write_config(config)  # first: from here on the folder is provably a medxai run
     if config.train.threads:
@@ -103,18 +121,19 @@ def train_run(config: RunConfig, *, resume: bool = False, overwrite: bool = Fals
 
     plan = plan_splits(source, val_fraction=config.data.val_fraction, test_fraction=config.data.test_fraction,
                        seed=config.data.split_seed, min_val_size=config.data.min_val_size)
-    prepared = _prepare_splits(source, plan.splits, config)
-    run.write_skipped(_skipped(source, plan, prepared))
-    data_check = _data_check(run, source, prepared, config.data.near_duplicate_bits)
-    if config.data.drop_test_duplicates:
-        _drop_test_duplicates(prepared, data_check)
-    run.write_data_check(data_check)
-    run.write_splits({name: split.ids for name, split in prepared.items()})
+    prepared = _prepare_splits(source, plan.splits, config, job)
     if config.preprocess.normalize == "dataset":
         config.preprocess.mean, config.preprocess.std = channel_statistics(prepared["train"].images)
-    run.write_config(config)
+    if job.is_main:
+        run.write_skipped(_skipped(source, plan, prepared))
+        data_check = _data_check(run, source, prepared, config.data.near_duplicate_bits)
+        if config.data.drop_test_duplicates:
+            _drop_test_duplicates(prepared, data_check)
+        run.write_data_check(data_check)
+        run.write_splits({name: split.ids for name, split in prepared.items()})
+        run.write_config(config)
 
-    device = resolve_device(config.train.device)
+    device = resolve_device(device_name)
     torch.manual_seed(config.train.seed)  # the initial weights are part of the seeded run
     model = create_model(
         config.model.name,
@@ -126,7 +145,8 @@ def train_run(config: RunConfig, *, resume: bool = False, overwrite: bool = Fals
         dropout=config.model.dropout,
     )
     card = _new_card(model, config, source, positive, plan)
-    run.write_card(card)
+    if job.is_main:
+        run.write_card(card)
     context = BatchContext(
         Preprocessor(config.preprocess), device, config.train.batch_size, config.train.amp, config.train.channels_last
     )
@@ -141,11 +161,32 @@ def train_run(config: RunConfig, *, resume: bool = False, overwrite: bool = Fals
         run=run,
         score_fn=score_function(config.train.monitor, card),
         resume=resume,
+        job=job,
     )
     monitor = "auc" if config.train.monitor == "auto" else config.train.monitor
     logger.info("best epoch %d, validation %s %.4f", result.best_epoch, monitor, result.best_score)
-    finish_run(run, result.model, card, prepared, source, plan.splits, context, config)
+    if job.is_main:
+        finish_run(run, result.model, card, prepared, source, plan.splits, context, config)
+    job.barrier()  # the run is finished before any rank returns
     return run.path
+
+
+def _after_restart(run: RunFolder, resume: bool, overwrite: bool) -> tuple[bool, bool]:
+    """After ``torchrun`` restarted the workers (``--max-restarts``), continue from the last checkpoint the failed
+    attempt wrote, or, when it failed before its first epoch ended, start its run folder again (only a medxai run
+    folder: the one the failed attempt began)."""
+    if not distributed.restart_count() or resume:
+        return resume, overwrite
+    try:
+        run.check_resumable()
+    except ConfigError:
+        if run.is_run():
+            logger.warning("restart %d: no checkpoint yet in %s; starting the run again",
+                           distributed.restart_count(), run.path)
+            return False, True
+        return resume, overwrite
+    logger.warning("restart %d: resuming %s from its last checkpoint", distributed.restart_count(), run.path)
+    return True, overwrite
 
 
 def finish_run(
@@ -406,13 +447,23 @@ def _check_label_set(source: Source) -> None:
         raise DataError(f"{source.description}: needs at least two classes, found {source.label_names}")
 
 
-def _prepare_splits(source: Source, splits: dict[str, list[Record]], config: RunConfig) -> dict[str, PreparedSplit]:
+def _prepare_splits(source: Source, splits: dict[str, list[Record]], config: RunConfig,
+                    job: Distributed = distributed.SINGLE) -> dict[str, PreparedSplit]:
+    """Every split, decoded or read from the cache. Under DDP with the cache, rank 0 decodes and the other ranks
+    then read what it wrote instead of decoding the same files again."""
     preprocessor = Preprocessor(config.preprocess)
-    prepared = {
-        name: prepare_split(source, records, preprocessor, num_workers=config.data.num_workers, description=name)
-        for name, records in splits.items()
-        if records
-    }
+    options = preparation_options(config.data)
+
+    def prepare() -> dict[str, PreparedSplit]:
+        return {name: prepare_split(source, records, preprocessor, description=name, **options)
+                for name, records in splits.items() if records}
+
+    shared_cache = job.active and options["cache_root"] is not None
+    if shared_cache and not job.is_main:
+        job.barrier()
+    prepared = prepare()
+    if shared_cache and job.is_main:
+        job.barrier()
     for required in ("train", "val"):
         if required not in prepared:
             raise DataError(f"{source.description}: the {required} split is empty")

@@ -23,6 +23,7 @@ from medxai.errors import ConfigError
 from medxai.models.card import ModelCard
 from medxai.models.checkpoint import load_training_state, load_weights, save_training_state, save_weights
 from medxai.run_folder import RunFolder
+from medxai.train.distributed import SINGLE, Distributed, wrap
 from medxai.train.loop import (
     BatchContext,
     mean_loss_and_accuracy,
@@ -130,27 +131,35 @@ def fit(
     score_fn: ScoreFunction,
     resume: bool = False,
     callbacks: Sequence[EpochCallback] = (),
+    job: Distributed = SINGLE,
 ) -> FitResult:
     """Train ``model`` and keep the epoch with the best validation score.
 
     Writes ``checkpoints/last.safetensors`` and the training state every epoch, ``checkpoints/best.safetensors``
     when the score improves, and ``history.csv``. ``callbacks(epoch, row)`` run after each epoch's checkpoint.
+
+    Under DDP (``job``, :mod:`medxai.train.distributed`) every rank trains on its share of each batch, the train
+    statistics are summed and the validation logits gathered from all ranks before the score is computed, so every
+    rank takes the same best-epoch and early-stopping decisions; rank 0 alone writes.
     """
-    run.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    if job.is_main:
+        run.checkpoints_dir.mkdir(parents=True, exist_ok=True)
     model.to(context.device)
     if context.channels_last and context.device.type == "cuda":
         model.to(memory_format=torch.channels_last)
+    network = wrap(model, job, context.device)  # what trains: DDP around the model under torchrun
+    trained = network.module if job.active else model  # what is evaluated and saved
     steps_per_epoch = max(1, -(-len(train) // context.batch_size))
-    optimizer = build_optimizer(model, config)
+    optimizer = build_optimizer(network, config)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch)
     loss_fn = build_loss(config, train, card.num_classes, context.device)
-    ema = build_ema(model, config)
+    ema = build_ema(trained, config)
     state = {
         "epoch": 0, "history": [], "best_score": -math.inf, "best_val_loss": math.inf, "best_epoch": 0, "stale_epochs": 0,
     }
     if resume:
         resumed, _ = load_weights(run.weights_path("last"), card)
-        model.load_state_dict(resumed.state_dict())
+        trained.load_state_dict(resumed.state_dict())
         if ema is not None:  # before the RNG state is restored: building a model draws random numbers
             averaged, _ = load_weights(run.weights_path("ema"), card)
             ema.module.load_state_dict(averaged.state_dict())
@@ -164,15 +173,18 @@ def fit(
     for epoch in range(state["epoch"] + 1, config.epochs + 1):
         started = time.perf_counter()
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+        if job.active:  # each rank its own dropout masks, reproducibly
+            torch.manual_seed(config.seed * 1_000_003 + epoch * 1_009 + job.rank)
         train_stats = train_one_epoch(
-            model, train, context, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn,
+            network, train, context, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn,
             augmenter=augmenter, generator=generator, description=f"epoch {epoch}/{config.epochs}",
-            ema=ema,
+            ema=ema, job=job,
         )
-        evaluated = ema.module if ema is not None else model
-        if config.bn_recalibration_images:
+        evaluated = ema.module if ema is not None else trained
+        job.broadcast_buffers(evaluated)
+        if config.bn_recalibration_images:  # the same seeded images on every rank: the same statistics
             recalibrate_batchnorm(evaluated, train, context, config.bn_recalibration_images, generator)
-        val_logits = predict_split(evaluated, val, context)
+        val_logits = predict_split(evaluated, val, context, job=job)
         val_stats = mean_loss_and_accuracy(val_logits, val.labels)
         score = score_fn(val_logits, val.labels)
         row = {
@@ -192,16 +204,14 @@ def fit(
         )
         if improved:
             state.update(best_score=score, best_val_loss=row["val_loss"], best_epoch=epoch, stale_epochs=0)
-            save_weights(evaluated, card, run.weights_path("best"))
         else:
             state["stale_epochs"] += 1
         state["epoch"] = epoch
-        save_weights(model, card, run.weights_path("last"))
         if ema is not None:
-            save_weights(ema.module, card, run.weights_path("ema"))
             state["ema_updates"] = int(ema.n_averaged)
-        save_training_state(run.state_tensors_path, run.state_json_path, optimizer, scheduler, state)
-        run.write_history(state["history"])
+        if job.is_main:
+            _save_epoch(run, card, state, trained, evaluated if improved else None, ema, optimizer, scheduler)
+        job.barrier()  # every rank past this point can read this epoch's checkpoint (a restart resumes from it)
         logger.info(
             "epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f score %.4f%s  (%.1fs)",
             epoch, config.epochs, row["train_loss"], row["train_accuracy"], row["val_loss"],
@@ -216,3 +226,16 @@ def fit(
     best, _ = load_weights(run.weights_path("best"), card)
     model.load_state_dict(best.state_dict())  # with EMA: the averaged weights of the best epoch
     return FitResult(model, state["history"], state["best_epoch"], state["best_score"], stopped_early)
+
+
+def _save_epoch(run: RunFolder, card: ModelCard, state: dict, model: torch.nn.Module, best: torch.nn.Module | None,
+                ema: AveragedModel | None, optimizer: torch.optim.Optimizer,
+                scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """The epoch's checkpoints: ``best`` (when it improved), ``last``, ``ema``, the training state and history."""
+    if best is not None:
+        save_weights(best, card, run.weights_path("best"))
+    save_weights(model, card, run.weights_path("last"))
+    if ema is not None:
+        save_weights(ema.module, card, run.weights_path("ema"))
+    save_training_state(run.state_tensors_path, run.state_json_path, optimizer, scheduler, state)
+    run.write_history(state["history"])

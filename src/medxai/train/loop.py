@@ -9,10 +9,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from medxai.data.augment import BatchAugmenter
-from medxai.data.prepared import PreparedSplit, iterate_batches
+from medxai.data.cache import to_unit_range
+from medxai.data.prepared import PreparedSplit, batch_order, iterate_batches
 from medxai.data.preprocess import Preprocessor
 from medxai.models.features import capture_stage_statistics
 from medxai.train._device import autocast_context
+from medxai.train.distributed import SINGLE, Distributed
 
 __all__ = [
     "BatchContext", "train_one_epoch", "predict_split", "predict_split_with_features", "recalibrate_batchnorm",
@@ -33,8 +35,9 @@ class BatchContext:
 
 
 def model_input(images: torch.Tensor, context: BatchContext, augmenter=None, generator=None) -> torch.Tensor:
-    """Move a stored ``[0, 1]`` batch to the device, augment it (training only) and normalise it."""
-    batch = images.to(context.device, non_blocking=True).float()
+    """Move a stored batch (integer codes, or floats on ``[0, 1]``) to the device, scale it to ``[0, 1]`` there,
+    augment it (training only) and normalise it."""
+    batch = to_unit_range(images.to(context.device, non_blocking=True))
     if augmenter is not None:
         batch = augmenter(batch, generator)
     batch = context.preprocessor.normalize(batch)
@@ -55,18 +58,27 @@ def train_one_epoch(
     generator: torch.Generator,
     description: str = "train",
     ema: torch.optim.swa_utils.AveragedModel | None = None,
+    job: Distributed = SINGLE,
 ) -> dict[str, float]:
-    """One pass over ``split`` in a seeded random order; returns mean loss and accuracy on the augmented data."""
+    """One pass over ``split`` in a seeded random order; returns mean loss and accuracy on the augmented data (of
+    all ranks, under DDP: each rank trains on its share of every batch, :func:`~medxai.data.prepared.batch_order`).
+    """
     model.train()
     total_loss = torch.zeros((), device=context.device)
     correct = torch.zeros((), device=context.device, dtype=torch.long)
     seen = 0
-    batches = iterate_batches(split, context.batch_size, shuffle=True, generator=generator)
+    batches = iterate_batches(split, context.batch_size, shuffle=True, generator=generator, device=context.device,
+                              rank=job.rank, world=job.world)
+    # One process keeps drawing augmentations from the order's generator (runs stay as they were); under DDP
+    # each rank draws its own, from a generator seeded by the same seed, epoch and its rank.
+    augment_generator = generator if not job.active else torch.Generator().manual_seed(
+        generator.initial_seed() * 31 + job.rank)
     steps = -(-len(split) // context.batch_size)
-    for images, labels in tqdm(batches, total=steps, desc=description, unit="batch", leave=False, disable=None):
-        if images.shape[0] < 2 and len(split) > 1:  # BatchNorm cannot train on a single image
+    for images, labels in tqdm(batches, total=steps, desc=description, unit="batch", leave=False,
+                               disable=None if job.is_main else True):
+        if images.shape[0] * job.world < 2 and len(split) > 1:  # BatchNorm cannot train on a single image
             continue
-        inputs = model_input(images, context, augmenter, generator)
+        inputs = model_input(images, context, augmenter, augment_generator)
         labels = labels.to(context.device, non_blocking=True)
         with autocast_context(context.device, context.amp):
             logits = model(inputs)
@@ -76,25 +88,33 @@ def train_one_epoch(
         optimizer.step()
         scheduler.step()
         if ema is not None:
-            ema.update_parameters(model)
+            ema.update_parameters(model.module if job.active else model)
         total_loss += loss.detach() * labels.shape[0]
         correct += (logits.argmax(dim=1) == labels).sum()
         seen += labels.shape[0]
-    seen = max(seen, 1)
-    return {"loss": total_loss.item() / seen, "accuracy": correct.item() / seen}
+    totals = job.sum(torch.stack([total_loss.double(), correct.double(),
+                                  torch.tensor(float(seen), dtype=torch.float64, device=context.device)]))
+    seen_all = max(totals[2].item(), 1)
+    return {"loss": totals[0].item() / seen_all, "accuracy": totals[1].item() / seen_all}
 
 
 @torch.no_grad()
-def predict_split(model: torch.nn.Module, split: PreparedSplit, context: BatchContext) -> torch.Tensor:
-    """Logits ``(N, K)`` for every image of ``split``, in order, as float32 on the CPU."""
+def predict_split(model: torch.nn.Module, split: PreparedSplit, context: BatchContext,
+                  job: Distributed = SINGLE) -> torch.Tensor:
+    """Logits ``(N, K)`` for every image of ``split``, in order, as float32 on the CPU; under DDP each rank
+    predicts its share and every rank receives all of them."""
     model.eval()
     outputs = []
-    for images, _ in iterate_batches(split, context.batch_size, shuffle=False):
+    batches = batch_order(len(split), context.batch_size, shuffle=False, rank=job.rank, world=job.world)
+    for indices in batches:
         with autocast_context(context.device, context.amp):
-            outputs.append(model(model_input(images, context)).float())
+            outputs.append(model(model_input(split.images.codes(indices), context)).float())
     if not outputs:
         return torch.empty(0, 0)
-    return torch.cat(outputs).cpu()
+    logits = torch.cat(outputs)
+    if not job.active:
+        return logits.cpu()
+    return job.gather_rows(logits, torch.cat(batches), len(split))
 
 
 @torch.no_grad()
@@ -119,7 +139,7 @@ def recalibrate_batchnorm(
     for start in range(0, len(order), context.batch_size):
         indices = order[start : start + context.batch_size]
         with autocast_context(context.device, context.amp):
-            model(model_input(split.images[indices], context))
+            model(model_input(split.images.codes(indices), context))
     for norm, momentum in momenta.items():
         norm.momentum = momentum
     model.train(was_training)
