@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from conftest import make_synthetic_npz, real_data_dir
 from PIL import Image
 
+from medxai.cli import main
 from medxai.config import ExplainConfig, InferenceConfig
 from medxai.errors import ConfigError
 from medxai.jobs.predict import (
@@ -189,3 +190,80 @@ def test_a_missing_ray_is_a_config_error_naming_the_extra(monkeypatch, tmp_path)
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray now raises ImportError
     with pytest.raises(ConfigError, match=r"pip install 'medxai\[ray\]'"):  # before the run folder is looked at
         predict_with_ray(tmp_path / "no-run", [tmp_path], tmp_path / "out")
+
+
+def _csv_predictions(path: Path) -> list[dict]:
+    """``predictions.csv`` as rows, its probabilities and domain scores as numbers."""
+    with path.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        for column in row:
+            if column.startswith("p_") or column == "domain_score":
+                row[column] = float(row[column])
+    return rows
+
+
+def test_the_cli_engine_ray_writes_what_the_local_predict_writes(run, chest_films, odd_inputs, local_ray, tmp_path,
+                                                                 capsys):
+    """``medxai predict --engine ray`` on the module's Ray instance: the same predictions.csv and skipped.csv as
+    the local engine's, a summary on the console, and --actors, --device and --batch-size reach the pool."""
+    items = [*(str(path) for path in chest_films[:40]), str(odd_inputs)]
+    options = ["--device", "cpu", "--batch-size", "16"]
+    assert main(["predict", str(run), *items, "--engine", "ray", "--actors", "1", "--out", str(tmp_path / "ray"),
+                 *options]) == 0
+    printed = capsys.readouterr().out
+    assert main(["predict", str(run), *items, "--out", str(tmp_path / "local"), *options]) == 0
+
+    assert "40 predicted, 3 skipped, 43 inputs, on 1 Ray actor(s) (CPU)" in " ".join(printed.split())
+    assert "skipped 3 file(s)" in printed  # the skipped list's table
+    assert str(tmp_path / "ray" / "predictions.parquet") in "".join(printed.split())  # rich folds long paths
+    assert _csv_rows(tmp_path / "ray" / "predictions.csv")[0] == _csv_rows(tmp_path / "local" / "predictions.csv")[0]
+    rows, expected = (_csv_predictions(tmp_path / name / "predictions.csv") for name in ("ray", "local"))
+    assert [row["file"] for row in rows] == [str(path) for path in chest_films[:40]]
+    _assert_same_predictions(rows, expected, [column[2:] for column in rows[0] if column.startswith("p_")])
+    assert _csv_rows(tmp_path / "ray" / "skipped.csv") == _csv_rows(tmp_path / "local" / "skipped.csv")
+    assert sorted(path.name for path in (tmp_path / "ray").iterdir()) == sorted(
+        path.name for path in (tmp_path / "local").iterdir())
+
+
+def test_the_cli_engine_ray_explains_as_the_local_explain_does(run, chest_films, local_ray, tmp_path, capsys):
+    """``medxai explain --engine ray`` with the explain options (method, target, test-time views): the same
+    predictions.csv and overlays as the local engine's."""
+    items = [str(path) for path in chest_films[:4]]
+    options = ["--device", "cpu", "--method", "gradcam++", "--target", "1", "--tta", "shift"]
+    assert main(["explain", str(run), *items, "--engine", "ray", "--actors", "1", "--out", str(tmp_path / "ray"),
+                 *options]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert main(["explain", str(run), *items, "--out", str(tmp_path / "local"), *options]) == 0
+
+    assert "4 explained, 0 skipped, 4 inputs, 4 overlay(s) written, on 1 Ray actor(s) (CPU)" in printed
+    rows, expected = (_csv_predictions(tmp_path / name / "predictions.csv") for name in ("ray", "local"))
+    _assert_same_predictions(rows, expected, [column[2:] for column in rows[0] if column.startswith("p_")])
+    overlays = sorted(path.name for path in (tmp_path / "ray").glob("*.png"))
+    assert len(overlays) == 4 and overlays == sorted(path.name for path in (tmp_path / "local").glob("*.png"))
+    for name in overlays:
+        ours, theirs = (np.asarray(Image.open(tmp_path / folder / name), dtype=np.int16) for folder in ("ray", "local"))
+        assert ours.shape == theirs.shape and np.abs(ours - theirs).max() <= 1, name
+
+@pytest.mark.parametrize("arguments, option", [
+    (["predict", "--engine", "ray"], "--out"),
+    (["predict", "--engine", "ray", "--out", "{out}", "--backend", "onnxruntime"], "--backend onnxruntime"),
+    (["predict", "--engine", "ray", "--out", "{out}", "--tta", "hflip"], "--tta"),
+    (["predict", "--engine", "ray", "--out", "{out}", "--json"], "--json"),
+    (["explain", "--engine", "ray", "--out", "{out}", "--json"], "--json"),
+    (["explain", "--engine", "ray", "--out", "{out}", "--dicom-sc"], "--dicom-sc"),
+    (["explain", "--engine", "ray", "--out", "{out}", "--dicom-sc-copy-patient"], "--dicom-sc-copy-patient"),
+    (["explain", "--engine", "ray", "--out", "{out}", "--dicom-sc-deidentify"], "--dicom-sc-deidentify"),
+    (["predict", "--ray-address", "auto"], "--ray-address"),
+    (["predict", "--out", "{out}", "--actors", "2"], "--actors"),
+    (["explain", "--out", "{out}", "--engine", "local", "--actors", "2"], "--actors"),
+])
+def test_the_cli_refuses_what_the_ray_engine_cannot_do(arguments, option, tmp_path, capsys):
+    """One clear line naming the option, before the run is looked at or anything is written; no Ray started."""
+    command, *options = arguments
+    code = main([command, str(tmp_path / "no-run"), str(tmp_path),
+                 *(item.format(out=tmp_path / "out") for item in options)])
+    output = capsys.readouterr().out
+    assert code == 2 and "Traceback" not in output
+    assert "error:" in output and option in output and "--engine ray" in output and "no-run" not in output
+    assert not (tmp_path / "out").exists()

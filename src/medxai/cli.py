@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_hash_names(predict)
     _add_ood_action(predict)
     _add_inference_options(predict)
+    _add_engine_options(predict)
 
     explain = commands.add_parser("explain", help="write Grad-CAM overlays at each image's original resolution")
     explain.add_argument("run", help="run folder")
@@ -116,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--dicom-sc-deidentify", action="store_true",
                          help="give each Secondary Capture a new study of its own, without references to the source")
     _add_inference_options(explain)
+    _add_engine_options(explain)
 
     check_data = commands.add_parser("check-data", help="counts, unreadable files, duplicates within and across splits")
     check_data.add_argument("path", help="image folder, CSV manifest, .npz file or MedMNIST subset name")
@@ -230,6 +232,17 @@ def _add_hash_names(parser: argparse.ArgumentParser) -> None:
                              "log): for file names that hold patient data; set MEDXAI_HASH_KEY to key the hash")
 
 
+def _add_engine_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--engine", choices=("local", "ray"), default="local",
+                        help="local: this process (default); ray: Ray Data with an actor pool "
+                             "(pip install 'medxai[ray]')")
+    parser.add_argument("--ray-address",
+                        help="with --engine ray: an existing cluster, such as auto or ray://head:10001 (default: a "
+                             "local instance on loopback); the run, the inputs and --out on a shared file system")
+    parser.add_argument("--actors", type=int,
+                        help="with --engine ray: actors in the pool (default: one per GPU, else one per CPU core)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
     _configure_logging(arguments.verbose)
@@ -334,9 +347,60 @@ def _domain_cell(prediction: Any) -> str:
     return "yes" if prediction.in_domain else "[bold red]NO: OUT OF DOMAIN[/]"
 
 
+def _check_engine(arguments: argparse.Namespace, unsupported: Mapping[str, bool]) -> None:
+    """Refuse the Ray options without ``--engine ray``, and with it the options given in ``unsupported`` (option ->
+    whether it was given): those :func:`~medxai.jobs.ray_batch.predict_with_ray` cannot express. What it can
+    express, it checks itself."""
+    if arguments.engine != "ray":
+        given = [name for name, value in (("--ray-address", arguments.ray_address), ("--actors", arguments.actors))
+                 if value is not None]
+        if given:
+            raise ConfigError(f"{' and '.join(given)}: only with --engine ray")
+        return
+    refused = [name for name, given in unsupported.items() if given]
+    if refused:
+        raise ConfigError(f"--engine ray does not support {', '.join(refused)}; leave "
+                          f"{'it' if len(refused) == 1 else 'them'} out or use --engine local")
+
+
+def _run_on_ray(arguments: argparse.Namespace, *, explain: Any = None, target: int | str | None = None) -> int:
+    """``predict``/``explain`` ``--engine ray``: :func:`~medxai.jobs.ray_batch.predict_with_ray` (imported here: the
+    ray extra is optional) and a short summary; the results are in ``--out``'s files."""
+    from medxai.jobs.ray_batch import predict_with_ray
+
+    inference = _inference(arguments)
+    result = predict_with_ray(arguments.run, arguments.images, arguments.out, address=arguments.ray_address,
+                              actors=arguments.actors, batch_size=inference.batch_size, device=inference.device,
+                              hash_names=arguments.hash_names, ood_action=arguments.ood_action, explain=explain,
+                              target=target, resume=arguments.resume)
+    summary = (f"{result.predicted} {'explained' if explain is not None else 'predicted'}, "
+               f"{len(result.skipped)} skipped, {result.inputs} inputs")
+    if explain is not None:
+        summary += f", {result.overlays} overlay(s) written"
+    if result.actors:
+        each = f"{result.gpus_per_actor:g} GPU each" if result.gpus_per_actor else "CPU"
+        summary += f", on {result.actors} Ray actor(s) ({each})"
+    console.print(summary, highlight=False)
+    if result.files:
+        console.print(f"{result.predicted} prediction(s) in {', '.join(str(path) for path in result.files)}")
+    _print_skipped(result.skipped)
+    return 0 if result.predicted or not result.inputs else 1
+
+
 def _run_predict(arguments: argparse.Namespace) -> int:
     from medxai.explain.tta import parse_tta
     from medxai.jobs.predict import predict_files
+
+    _check_engine(arguments, {
+        "--json": arguments.json,
+        "--tta (on Ray only explain takes it)": bool(parse_tta(arguments.tta)),
+        f"--backend {arguments.backend}": arguments.backend not in (None, "torch"),
+    })
+    if arguments.engine == "ray":
+        if arguments.out is None:
+            raise ConfigError("predict --engine ray needs --out: the folder that receives predictions.csv, "
+                              "skipped.csv and predictions.parquet")
+        return _run_on_ray(arguments)
 
     def print_json(predictions, skipped) -> None:  # as they are made: nothing accumulates
         for prediction in predictions:
@@ -381,6 +445,9 @@ def _run_explain(arguments: argparse.Namespace) -> int:
     from medxai.config import ExplainConfig, with_values
     from medxai.jobs.predict import DicomOutput, explain_files
 
+    _check_engine(arguments, {"--json": arguments.json, "--dicom-sc": arguments.dicom_sc,
+                              "--dicom-sc-copy-patient": arguments.dicom_sc_copy_patient,
+                              "--dicom-sc-deidentify": arguments.dicom_sc_deidentify})
     target = arguments.target
     if target is not None and target.isdigit():
         target = int(target)
@@ -389,6 +456,8 @@ def _run_explain(arguments: argparse.Namespace) -> int:
     explain = with_values(ExplainConfig(), method=arguments.method, layer=arguments.layer,
                           colormap=arguments.colormap, alpha=arguments.alpha, save_npy=arguments.npy,
                           tta=list(parse_tta(arguments.tta)) or None)
+    if arguments.engine == "ray":
+        return _run_on_ray(arguments, explain=explain, target=target)
     dicom = DicomOutput(arguments.dicom_sc, arguments.dicom_sc_copy_patient, arguments.dicom_sc_deidentify)
     result = explain_files(arguments.run, arguments.images, arguments.out, explain=explain, target=target,
                            hash_names=arguments.hash_names, dicom=dicom, inference=_inference(arguments),

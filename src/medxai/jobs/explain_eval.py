@@ -22,19 +22,29 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from medxai.classifier import Classifier
 from medxai.config import ExplainEvalConfig, InferenceConfig
 from medxai.data import open_source
-from medxai.data.labels import match_labels
 from medxai.data.cache import to_unit_range
-from medxai.data.prepared import prepare_split, preparation_options
+from medxai.data.labels import match_labels
+from medxai.data.prepared import preparation_options, prepare_split
 from medxai.errors import ConfigError
 from medxai.explain import CAM_METHODS, get_cam_method
-from medxai.explain.faithfulness import FaithfulnessSummary, faithfulness_metrics, random_saliency
+from medxai.explain.faithfulness import (
+    FaithfulnessSummary,
+    faithfulness_metrics,
+    random_saliency,
+)
 from medxai.explain.sanity import model_randomisation_check
 from medxai.explain.targets import ClassTarget
-from medxai.jobs.evaluate import default_evaluation_name, is_training_data, prepare_evaluation_folder, select_records
+from medxai.jobs.evaluate import (
+    default_evaluation_name,
+    is_training_data,
+    prepare_evaluation_folder,
+    select_records,
+)
 from medxai.run_folder import RunFolder, write_skipped
 
 __all__ = ["evaluate_explanations"]
@@ -137,11 +147,15 @@ def evaluate_explanations(
     }
     random_metrics: dict[str, Tensor] | None = None
     random_classes: Tensor | None = None
+    # Three stages per method (maps, deletion/insertion/ROAD, sanity check): a bar with rate and ETA over them all.
+    progress = tqdm(total=3 * len(method_classes), desc="explain-eval", unit="stage", disable=None)
     for method_name, method in method_classes.items():
+        progress.set_postfix_str(method_name)
         started = time.perf_counter()
         cam = method(model, classifier.card.cam_layer)
         target = classifier.decision_target()
         results = [cam(batch, target) for batch in images.split(batch_size)]
+        progress.update()
         maps = torch.cat([result.maps for result in results])
         classes = torch.cat([result.target_class for result in results])
         options = dict(steps=steps, baseline=baseline, batch_size=batch_size, score_fn=calibrated_probability,
@@ -158,12 +172,14 @@ def evaluate_explanations(
                                                         + random_seconds, 2)
             started += random_seconds
         summary = FaithfulnessSummary(faithfulness_metrics(model, images, maps, classes, **options), random_metrics)
+        progress.update()
         method_means, random_means = summary.means()
         sanity_count = min(sanity_images, len(prepared))
         sanity = model_randomisation_check(
             method, model, images[:sanity_count], ClassTarget(classes[:sanity_count]),
             target_layers=classifier.card.cam_layer, seed=seed,
         )
+        progress.update()
         entry = {key: round(method_means[key], 6) for key in _METRIC_KEYS}
         entry["random_baseline"] = {key: round(random_means[key], 6) for key in _METRIC_KEYS}
         entry["beats_random"] = summary.beats_random()
@@ -173,6 +189,7 @@ def evaluate_explanations(
         logger.info("%s: deletion %.4f (random %.4f), insertion %.4f (random %.4f), sanity %s, %.0f s", method_name,
                     entry["deletion_auc"], random_means["deletion_auc"], entry["insertion_auc"],
                     random_means["insertion_auc"], "passed" if sanity.passed else "FAILED", entry["seconds"])
+    progress.close()
 
     if not own and not out.info_path.is_file():
         out.write_info({"name": out.name, "kind": "external", "data": source.description,

@@ -41,7 +41,7 @@ def model_input(images: torch.Tensor, context: BatchContext, augmenter=None, gen
     if augmenter is not None:
         batch = augmenter(batch, generator)
     batch = context.preprocessor.normalize(batch)
-    if context.channels_last and context.device.type == "cuda" and batch.dim() == 4:
+    if context.channels_last and batch.dim() == 4:
         batch = batch.contiguous(memory_format=torch.channels_last)
     return batch
 
