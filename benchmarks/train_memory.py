@@ -4,7 +4,8 @@ Generates grey PNGs in two class folders (a bright blob left or right on smooth 
 then runs ``python -m medxai train`` on the first N of each class for every N of ``--counts`` (one epoch of
 ``simple_cnn`` at 64 px, the on-disk cache in a fresh folder, so the run decodes, caches, trains, evaluates and
 reports), sampling the resident memory of the process and its decoding workers every 50 ms. Reported per run:
-peak RSS (children included), peak anonymous RSS of the main process (``RssAnon``: memory that is not the page
+peak RSS (children included: pages the processes share, such as PyTorch's libraries, count once per process), peak
+PSS (the same sum with shared pages divided among their processes: the memory the job really holds), peak anonymous RSS of the main process (``RssAnon``: memory that is not the page
 cache's view of the memory-mapped shards), wall seconds, and the cache's size on disk.
 
 Example:
@@ -78,19 +79,21 @@ def _anon_rss(pid: int) -> int:
 def measure(command: list[str], env: dict[str, str]) -> dict:
     started = time.perf_counter()
     process = psutil.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    peak = peak_anon = 0
+    peak = peak_anon = peak_pss = 0
     while process.poll() is None:
         try:
-            rss = process.memory_info().rss + sum(child.memory_info().rss for child in process.children(True))
+            family = [process, *process.children(True)]
+            rss = sum(member.memory_info().rss for member in family)
+            pss = sum(member.memory_full_info().pss for member in family)
         except psutil.Error:
             break
-        peak, peak_anon = max(peak, rss), max(peak_anon, _anon_rss(process.pid))
+        peak, peak_anon, peak_pss = max(peak, rss), max(peak_anon, _anon_rss(process.pid)), max(peak_pss, pss)
         time.sleep(0.05)
     code = process.wait()
     error = process.stderr.read().decode()[-3000:]
     if code != 0:
         sys.stderr.write(error)
-    return {"exit_code": code, "peak_rss_gb": round(peak / 1e9, 3), "peak_anon_rss_main_gb": round(peak_anon / 1e9, 3),
+    return {"exit_code": code, "peak_rss_gb": round(peak / 1e9, 3), "peak_pss_gb": round(peak_pss / 1e9, 3), "peak_anon_rss_main_gb": round(peak_anon / 1e9, 3),
             "seconds": round(time.perf_counter() - started, 1)}
 
 
@@ -106,7 +109,7 @@ def main() -> None:
         command = [sys.executable, "-m", "medxai", "train", "--data", str(data), "--model", "simple_cnn",
                    "--size", str(arguments.size), "--epochs", "1", "--batch-size", "128", "--out", str(work),
                    "--name", "run", "--positive-label", "right", "--set", "data.val_fraction=0.05", "--set", "data.test_fraction=0.05",
-                   "--set", "train.bootstrap_resamples=100", *sum((["--set", item] for item in arguments.overrides), [])]
+                   "--set", "train.bootstrap_resamples=100", *[part for item in arguments.overrides for part in ("--set", item)]]
         row = {"images": count, "size": arguments.size, **measure(command, env)}
         row["cache_gb"] = round(sum(path.stat().st_size for path in (work / "cache").rglob("*") if path.is_file())
                                 / 1e9, 3)

@@ -114,7 +114,7 @@ def test_a_build_killed_halfway_leaves_no_cache_and_the_next_build_completes(ima
 def test_a_damaged_shard_is_noticed_and_decoded_again(image_folder, tmp_path):
     cache = tmp_path / "cache"
     _, first = _prepare(image_folder, cache)
-    expected = first.images.codes(slice(None))  # read before the damage: a truncated mapped file cannot be read
+    expected = first.images.codes(slice(None))
     del first
     shard = next(cache.rglob("shard-00000.bin"))
     with shard.open("r+b") as handle:

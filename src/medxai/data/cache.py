@@ -15,17 +15,20 @@ changed file, another size or a new release gives another key, so a stale cache 
 
 A cache is built in a temporary sibling folder and renamed into place when complete, so a killed build leaves no
 half cache behind (only a ``.partial`` folder, removed by the next build of that key), and two processes building
-the same key at once both end with one complete copy. Reading maps the shards (``numpy.memmap``): a training batch
-copies only its own images, and memory does not grow with the dataset (file pages are the kernel's page cache).
+the same key at once both end with one complete copy. The shards are written through memory maps and read row by row
+(:class:`ShardFile`): a training batch reads only its own images, and memory does not grow with the dataset (the
+pages read are the kernel's page cache, not the process's).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, fields
@@ -90,17 +93,16 @@ def to_unit_range(codes: torch.Tensor) -> torch.Tensor:
 
 
 class ImageStore:
-    """``N`` preprocessed images ``(C, S, S)`` as integer codes, in shards (NumPy arrays or memory maps).
+    """``N`` preprocessed images ``(C, S, S)`` as integer codes, in shards (NumPy arrays, or shard files read by row).
 
     ``store[key]`` (an int, a slice, a list or a tensor of indices) returns float32 ``[0, 1]`` images on the CPU;
     :meth:`codes` returns the integer codes themselves, which the training loop moves to the device before
     converting (a quarter of the bytes of float32). :meth:`subset` is a view: it copies no pixels.
     """
 
-    def __init__(self, shards: Sequence[np.ndarray], shard_size: int, index: np.ndarray | None = None,
-                 paths: Sequence[Path] | None = None, shape: tuple[int, ...] | None = None) -> None:
+    def __init__(self, shards: Sequence[np.ndarray | ShardFile], shard_size: int, index: np.ndarray | None = None,
+                 shape: tuple[int, ...] | None = None) -> None:
         self._shards = list(shards)
-        self._paths = list(paths) if paths is not None else None
         self.shard_size = shard_size
         self.image_shape = tuple(shape) if shape is not None else tuple(self._shards[0].shape[1:])
         total = sum(len(shard) for shard in self._shards)
@@ -114,13 +116,10 @@ class ImageStore:
 
     @classmethod
     def open(cls, folder: Path, meta: dict[str, Any]) -> ImageStore:
-        """Map the shard files of a complete cache folder read-only."""
-        dtype = np.dtype(meta["dtype"])
+        """The shard files of a complete cache folder, read-only."""
         shape = tuple(meta["shape"])
-        paths = [folder / name for name, _ in meta["shards"]]
-        shards = [np.memmap(path, dtype=dtype, mode="r", shape=(count, *shape)) if count else
-                  np.zeros((0, *shape), dtype) for path, (_, count) in zip(paths, meta["shards"])]
-        return cls(shards, meta["shard_size"], np.asarray(meta["kept"], dtype=np.int64), paths, shape)
+        shards = [ShardFile(folder / name, count, meta["dtype"], shape) for name, count in meta["shards"]]
+        return cls(shards, meta["shard_size"], np.asarray(meta["kept"], dtype=np.int64), shape)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -161,19 +160,37 @@ class ImageStore:
             key = key.cpu().numpy()
         return np.asarray(key, dtype=np.int64).reshape(-1)
 
-    def __getstate__(self) -> dict[str, Any]:
-        """Memory-mapped shards travel as their paths (a DataLoader worker maps them again), not as pixels."""
-        state = dict(self.__dict__)
-        if self._paths is not None:
-            state["_shards"] = [(str(path), len(shard)) for path, shard in zip(self._paths, self._shards)]
-        return state
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        if state.get("_paths") is not None:
-            state["_shards"] = [np.memmap(path, dtype=state["np_dtype"], mode="r", shape=(count, *state["image_shape"]))
-                                if count else np.zeros((0, *state["image_shape"]), state["np_dtype"])
-                                for path, count in state["_shards"]]
-        self.__dict__.update(state)
+class ShardFile:
+    """The rows of one shard file, read by offset (``os.pread``) rather than memory-mapped: the pages read stay in
+    the kernel's page cache, shared and reclaimable, and never count in this process's resident memory, which a
+    mapping's touched pages would (the whole cache, after one epoch). It pickles as its path (a DataLoader worker
+    opens the file again); ``pread`` keeps no file position, so forked workers may share the descriptor."""
+
+    def __init__(self, path: str | Path, count: int, dtype: str | np.dtype, shape: tuple[int, ...]) -> None:
+        self.path, self.count, self.dtype, self.shape = Path(path), count, np.dtype(dtype), tuple(shape)
+        self.row_bytes = int(np.prod(shape)) * self.dtype.itemsize
+        self._fd: int | None = None
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        chunks = [os.pread(self._fd, self.row_bytes, row * self.row_bytes) for row in rows.tolist()]
+        if any(len(chunk) != self.row_bytes for chunk in chunks):
+            raise OSError(f"{self.path}: shorter than its metadata says (a damaged cache: delete this folder)")
+        return np.frombuffer(b"".join(chunks), dtype=self.dtype).reshape(len(rows), *self.shape)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_fd": None}
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
 
 
 class ShardWriter:
@@ -209,7 +226,7 @@ class ShardWriter:
                 "shard_size": self.shard_size, "shards": [[name, len(shard)] for name, shard in zip(self.names, self.shards)],
                 "kept": list(map(int, kept)), **extra}
         if self.partial is None:
-            return ImageStore(self.shards, self.shard_size, np.asarray(kept, dtype=np.int64), shape=self.shape)
+            return ImageStore(self.shards, self.shard_size, np.asarray(kept, dtype=np.int64), self.shape)
         for shard in self.shards:
             if isinstance(shard, np.memmap):
                 shard.flush()
@@ -285,8 +302,6 @@ def open_cached(folder: Path) -> tuple[ImageStore, dict[str, Any]] | None:
 def _remove_partials(folder: Path) -> None:
     """Remove ``.partial`` builds of this key left by killed processes (older than an hour: not a build running
     now in another process)."""
-    import time
-
     if not folder.parent.is_dir():
         return
     for leftover in folder.parent.glob(f"{folder.name}.partial-*"):

@@ -115,8 +115,12 @@ def decode_workers(requested: int | None, count: int) -> int:
         return max(0, requested)
     if count < _PARALLEL_FROM:
         return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(cores, _MAX_DECODE_WORKERS)
+    return min(_available_cores(), _MAX_DECODE_WORKERS)
+
+
+def _available_cores() -> int:
+    """The cores this process may run on (its affinity, which containers and schedulers set), not the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def preparation_options(data: DataConfig) -> dict:
@@ -246,8 +250,7 @@ def loader_workers(device: torch.device, world: int = 1) -> int:
     take cores from the model."""
     if device.type != "cuda":
         return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(4, cores // max(world, 1) - 1))
+    return max(1, min(4, _available_cores() // max(world, 1) - 1))
 
 
 def iterate_batches(

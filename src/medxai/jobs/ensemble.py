@@ -28,6 +28,7 @@ from medxai.models.checkpoint import load_weights
 from medxai.models.ensemble import ENSEMBLE_ARCHITECTURE, EnsembleModel
 from medxai.run_folder import RunFolder, check_folder_name
 from medxai.train import BatchContext, resolve_device
+from medxai.train.loop import place_model
 
 __all__ = ["build_ensemble"]
 
@@ -75,7 +76,7 @@ def build_ensemble(
                                      **preparation_options(config.data)) for split, items in records.items()}
     context = BatchContext(preprocessor, resolve_device(config.train.device), config.train.batch_size,
                            config.train.amp, config.train.channels_last)
-    model.to(context.device).eval()
+    place_model(model, context).eval()
     logger.info("ensemble of %d runs: %s", len(members), ", ".join(str(member.path) for member in members))
     finish_run(run, model, card, prepared, source, records, context, config)
     return run.path

@@ -45,7 +45,7 @@ from medxai.report.plots import (
 )
 from medxai.run_folder import TRAINING_CURVES, EvaluationFolder, RunFolder
 from medxai.train import BatchContext, predict_split
-from medxai.train.loop import predict_split_with_features
+from medxai.train.loop import place_model, predict_split_with_features
 
 __all__ = [
     "evaluate_run",
@@ -127,7 +127,9 @@ def evaluate_run(
     prepared = prepare_split(source, records, classifier.preprocessor, label_map=label_mapping,
                              description=f"{split} ({data})", **preparation_options(run.data_config()))
     training = run.training_config()
-    context = BatchContext(classifier.preprocessor, classifier.device, classifier.batch_size)
+    context = BatchContext(classifier.preprocessor, classifier.device, classifier.batch_size,
+                           channels_last=training.channels_last)  # the layout training evaluated in
+    place_model(classifier.model, context)
     evaluation = evaluate_prepared(classifier.model, prepared, split, card, context, guard=classifier.guard,
                                    resamples=training.bootstrap_resamples, seed=training.seed)
     folder.write_metrics({split: evaluation.metrics})

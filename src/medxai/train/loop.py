@@ -17,7 +17,7 @@ from medxai.train._device import autocast_context
 from medxai.train.distributed import SINGLE, Distributed
 
 __all__ = [
-    "BatchContext", "train_one_epoch", "predict_split", "predict_split_with_features", "recalibrate_batchnorm",
+    "BatchContext", "place_model", "train_one_epoch", "predict_split", "predict_split_with_features", "recalibrate_batchnorm",
     "model_input",
     "mean_loss_and_accuracy",
 ]
@@ -32,6 +32,16 @@ class BatchContext:
     batch_size: int
     amp: bool = True
     channels_last: bool = True
+
+
+def place_model(model: torch.nn.Module, context: BatchContext) -> torch.nn.Module:
+    """Move ``model`` to the context's device, laid out channels-last when ``context.channels_last`` (2D models;
+    :func:`model_input` lays the batches out alike). The layout changes float rounding, so training, the run's own
+    evaluation and a later ``medxai evaluate`` all place the model here and agree bit for bit."""
+    model.to(context.device)
+    if context.channels_last and not any(isinstance(module, torch.nn.Conv3d) for module in model.modules()):
+        model.to(memory_format=torch.channels_last)
+    return model
 
 
 def model_input(images: torch.Tensor, context: BatchContext, augmenter=None, generator=None) -> torch.Tensor:
