@@ -6,7 +6,7 @@ then runs ``python -m medxai train`` on the first N of each class for every N of
 reports), sampling the resident memory of the process and its decoding workers every 50 ms. Reported per run:
 peak RSS (children included: pages the processes share, such as PyTorch's libraries, count once per process), peak
 PSS (the same sum with shared pages divided among their processes: the memory the job really holds), peak anonymous RSS of the main process (``RssAnon``: memory that is not the page
-cache's view of the memory-mapped shards), wall seconds, and the cache's size on disk.
+page cache's view of files), wall seconds, and the cache's size on disk.
 
 Example:
     python benchmarks/train_memory.py --counts 10000,100000

@@ -71,7 +71,7 @@ class DataConfig:
     patient_pattern: str | None = None  # regex on file names; group 1 = patient id, used to group splits
     split_seed: int = 0  # seed of the carved splits (independent of the training seed)
     num_workers: int | None = None  # decoding processes; None: one per core (at most 8) for splits of 256+ images
-    # Keep the preprocessed splits on disk (memory-mapped shards keyed by the files and the preprocessing) so that
+    # Keep the preprocessed splits on disk (shard files keyed by the files and the preprocessing) so that
     # later runs, --resume, evaluate and explain-eval decode nothing; false keeps them in memory only.
     cache: bool = True
     cache_dir: str | None = None  # None: $MEDXAI_CACHE_DIR, else $XDG_CACHE_HOME/medxai, else ~/.cache/medxai

@@ -1,4 +1,4 @@
-"""Preprocessed images as integer codes, in memory or in memory-mapped shards on disk that later commands reuse.
+"""Preprocessed images as integer codes, in memory or in shard files on disk that later commands reuse.
 
 Decoding a 2,000 px film costs far more than training on its 224 px version, and preprocessing is deterministic:
 so a split is decoded and resized once, in parallel worker processes, and stored at the training resolution as
