@@ -134,7 +134,9 @@ def _rank(process: psutil.Process) -> str | None:
 def _kill_rank_one_after_the_first_checkpoint(out: Path, tmp_path: Path) -> tuple[int, str] | None:
     """Run the 3-epoch torchrun job, SIGKILL rank 1 once the first checkpoint exists, and return torchrun's exit code
     and output; None when it does not finish within 300 s (its whole process group is killed then)."""
-    command = [*_torchrun(out, "elastic", "--max-restarts", "1"), "--epochs", "3"]
+    # Two restarts allowed: a restarted gloo group sometimes fails to connect its mesh once ("Connection refused"
+    # to a port of the killed attempt); the next restart connects.
+    command = [*_torchrun(out, "elastic", "--max-restarts", "2"), "--epochs", "3"]
     process = subprocess.Popen(command, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, start_new_session=True)
     state = out / "elastic" / "checkpoints" / "state.json"
@@ -157,8 +159,8 @@ def _kill_rank_one_after_the_first_checkpoint(out: Path, tmp_path: Path) -> tupl
 
 
 def test_a_killed_worker_is_restarted_and_the_run_resumes_from_its_last_checkpoint(data_dir, tmp_path):
-    # One job in five hung after the restart on this 2-core machine while a benchmark shared its cores (cause not
-    # found; see the issue 11 note): a hung attempt is killed and the scenario run once more, never more.
+    # One job in five hung after the restart on this 2-core machine (a gloo mesh that did not connect, waiting out
+    # the process group's timeout; see the issue 11 note): a hung attempt is killed and the scenario run once more.
     outcome = None
     for attempt in range(2):
         out = tmp_path / f"runs{attempt}"
