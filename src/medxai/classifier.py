@@ -40,6 +40,7 @@ from medxai.models.features import capture_stage_statistics
 from medxai.models.onnx import OnnxModel, export_mismatches
 from medxai.run_folder import RunFolder, read_onnx_card
 from medxai.train import autocast_context, resolve_device
+from medxai.train._device import to_channels_last
 
 __all__ = ["Classifier", "Prediction", "Explanation", "load", "InputImage", "DecodedInput", "BACKENDS"]
 
@@ -262,10 +263,8 @@ class Classifier:
         CPU, whose oneDNN convolutions run about 1.5x faster so (ResNet-18 at 224 px and the demo CNN on a 2-core
         EPYC). The values equal the default layout's up to float rounding, so nothing that must reproduce recorded
         metrics bit for bit calls this; the service does. Returns whether the layout changed."""
-        if self.backend != "torch" or self.device.type != "cpu" or any(
-                isinstance(module, torch.nn.Conv3d) for module in self.model.modules()):
+        if self.backend != "torch" or self.device.type != "cpu" or not to_channels_last(self.model):
             return False
-        self.model = self.model.to(memory_format=torch.channels_last)
         self.channels_last = True
         return True
 

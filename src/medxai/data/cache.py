@@ -56,7 +56,7 @@ PIXEL_OPTIONS = ("size", "resize_mode", "channels", "intensity", "clip_percentil
                  "gaussian_sigma")
 _SHARD_BYTES = 256 * 2**20
 _META_FILE = "meta.json"
-_SCALES = {torch.uint8: 255.0, torch.uint16: 65535.0}
+_SCALES = {torch.from_numpy(np.zeros(0, dtype)).dtype: float(top) for dtype, top in CACHE_DTYPES.values()}
 
 
 def default_cache_root() -> Path:
@@ -199,9 +199,7 @@ class ShardWriter:
 
     def __init__(self, count: int, shape: tuple[int, ...], dtype_name: str, folder: Path | None) -> None:
         self.dtype, _ = code_type(dtype_name)
-        self.dtype_name = dtype_name
         self.shape = tuple(shape)
-        self.count = count
         image_bytes = int(np.prod(shape)) * self.dtype.itemsize
         self.shard_size = max(1, min(count, _SHARD_BYTES // max(image_bytes, 1)))
         counts = [min(self.shard_size, count - start) for start in range(0, count, self.shard_size)]
@@ -237,7 +235,8 @@ class ShardWriter:
             if not _complete(self.final):
                 raise
             shutil.rmtree(self.partial, ignore_errors=True)
-        return ImageStore.open(self.final, json.loads((self.final / _META_FILE).read_text()))
+            meta = json.loads((self.final / _META_FILE).read_text())
+        return ImageStore.open(self.final, meta)
 
     def abandon(self) -> None:
         """Remove the partial folder (ours: made by this writer) after a failed build."""

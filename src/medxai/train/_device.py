@@ -8,7 +8,7 @@ import torch
 
 from medxai.errors import ConfigError
 
-__all__ = ["resolve_device", "autocast_context"]
+__all__ = ["resolve_device", "autocast_context", "to_channels_last"]
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -29,3 +29,12 @@ def autocast_context(device: torch.device, enabled: bool):
     if enabled and device.type == "cuda":
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def to_channels_last(model: torch.nn.Module) -> bool:
+    """Lay a 2D network out channels-last (NHWC), in place; a network with 3D convolutions stays as it is (NHWC is a
+    4D layout). Returns whether the layout changed."""
+    if any(isinstance(module, torch.nn.Conv3d) for module in model.modules()):
+        return False
+    model.to(memory_format=torch.channels_last)
+    return True

@@ -13,7 +13,7 @@ from medxai.data.cache import to_unit_range
 from medxai.data.prepared import PreparedSplit, batch_order, iterate_batches
 from medxai.data.preprocess import Preprocessor
 from medxai.models.features import capture_stage_statistics
-from medxai.train._device import autocast_context
+from medxai.train._device import autocast_context, to_channels_last
 from medxai.train.distributed import SINGLE, Distributed
 
 __all__ = [
@@ -39,8 +39,8 @@ def place_model(model: torch.nn.Module, context: BatchContext) -> torch.nn.Modul
     :func:`model_input` lays the batches out alike). The layout changes float rounding, so training, the run's own
     evaluation and a later ``medxai evaluate`` all place the model here and agree bit for bit."""
     model.to(context.device)
-    if context.channels_last and not any(isinstance(module, torch.nn.Conv3d) for module in model.modules()):
-        model.to(memory_format=torch.channels_last)
+    if context.channels_last:
+        to_channels_last(model)
     return model
 
 
