@@ -3,7 +3,8 @@
 That place also keeps the answers free of the server's files: whatever text an exception carries (a reader's reason,
 a configuration error, a validation message echoing the input), absolute paths in it are replaced by ``<path>``
 before it leaves the process. The exception handlers map each kind of failure to its status; an unexpected one is a
-500 that says only "internal error" and a reference, with the traceback in the server log under that reference.
+500 that says only "internal error" and a reference (:func:`unexpected_error`), with the traceback in the server log
+under that reference.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from medxai.errors import ConfigError, ImageTooLargeError, InvalidImageError
 from medxai.serve.batcher import QueueFullError
 
 __all__ = ["ANSWER", "QUEUE_FULL_RETRY_S", "ServiceError", "error_response", "install_error_handlers",
-           "queue_full", "scrub_paths"]
+           "queue_full", "scrub_paths", "status_code_name", "unexpected_error"]
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +103,9 @@ def _validation_detail(error: RequestValidationError) -> str:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Every failure of a route, of FastAPI's validation or of Starlette's parsing as :func:`error_response`."""
+    """Every expected failure of a route, of FastAPI's validation or of Starlette's parsing as
+    :func:`error_response`. Unexpected ones reach the gate, which answers :func:`unexpected_error` (a handler for
+    ``Exception`` would run in Starlette's outermost middleware, outside the gate, and re-raise to the server)."""
 
     async def expected(request: Request, error: Exception) -> JSONResponse:
         return error_response(request.scope, _error_of(error))
@@ -121,10 +124,9 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(request.scope, ServiceError(error.status_code, code, detail,
                                                           dict(error.headers or {})))
 
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, error: Exception) -> JSONResponse:
-        # Starlette re-raises the error after this answer (for the server to log); the gate drops it, logged here.
-        reference = uuid.uuid4().hex[:12]
-        logger.error("internal error (reference %s)", reference, exc_info=error)
-        return error_response(request.scope, ServiceError(500, "internal", f"internal error (reference "
-                                                          f"{reference}); see the server log"))
+
+def unexpected_error(error: BaseException) -> ServiceError:
+    """The 500 of an error nothing expected: logged with its traceback under a reference the answer gives."""
+    reference = uuid.uuid4().hex[:12]
+    logger.error("internal error (reference %s)", reference, exc_info=error)
+    return ServiceError(500, "internal", f"internal error (reference {reference}); see the server log")

@@ -32,7 +32,14 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from medxai.serve.errors import ANSWER, ServiceError, error_response, queue_full, status_code_name
+from medxai.serve.errors import (
+    ANSWER,
+    ServiceError,
+    error_response,
+    queue_full,
+    status_code_name,
+    unexpected_error,
+)
 
 __all__ = ["AUDIT", "MODEL_PATHS", "Gate", "GateLimits", "ReceiveBudget", "security_headers"]
 
@@ -100,8 +107,9 @@ def allowed_hosts(bound: str, extra: list[str]) -> frozenset[str]:
     """The ``Host`` names a server bound to ``bound`` answers: loopback names, the bound address unless it is a
     wildcard, and ``extra`` (``--allowed-host``)."""
     names = {*_LOOPBACK_NAMES, *(name.strip().lower() for name in extra if name.strip())}
-    if bound.lower() not in _WILDCARD_ADDRESSES:
-        names.add(bound.lower().strip("[]"))
+    bound = bound.strip().lower().strip("[]")
+    if bound not in _WILDCARD_ADDRESSES:
+        names.add(bound)
     return frozenset(names)
 
 
@@ -323,14 +331,13 @@ class _Exchange:
         await error_response(self.scope, error)(self.scope, receive, self.send)
 
     async def run(self, app, receive) -> None:
-        """The app's answer; an error it raised after answering (Starlette re-raises a 500's error for the server to
-        log, and the 500 handler logged it already) ends here."""
+        """The app's answer; an error it did not expect is a 500 answered here (no traceback for the client)."""
         try:
             await app(self.scope, receive, self.send)
-        except Exception:
-            if not self.responded:
-                self.record(500, "internal", None)
+        except Exception as error:
+            if self.responded:
                 raise
+            await self.answer(unexpected_error(error), receive)
 
 
 def _replay(chunks: deque[bytes], receive):
