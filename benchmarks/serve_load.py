@@ -89,7 +89,7 @@ class Server:
         self.folder = tempfile.TemporaryDirectory(prefix="medxai-serve-load-")
         self.command = [sys.executable, "-m", "medxai", "serve", run, "--host", "127.0.0.1", "--port",
                         str(self.port), "--device", device, "--audit-db", str(Path(self.folder.name) / "audit.db"),
-                        "--queue", "256", *extra]
+                        "--queue", "256", "--max-connections-per-client", "0", *extra]  # one client address
 
     def __enter__(self) -> Server:  # noqa: PYI034
         self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import io
 import logging
+import platform
 import re
 import select
 import shutil
@@ -20,6 +21,7 @@ import socket
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import nibabel as nib
@@ -32,7 +34,7 @@ from medxai.errors import ConfigError, InvalidImageError
 from medxai.serve.audit import read_audit
 from medxai.serve.engine import Engine
 from medxai.serve.gate import allowed_hosts
-from medxai.serve.server import MAX_HEADER_BYTES
+from medxai.serve.server import MAX_HEADER_BYTES, tune_malloc
 
 OTHER_MACHINE = "127.0.0.2"  # a loopback address of its own: another client address for the per-client cap
 ANY_PATH = re.compile(r"(?<![\w.])(?:/[\w.@+-]+){2,}")  # /srv/runs, /tmp/x: anything like a path in an answer
@@ -410,3 +412,42 @@ def test_the_api_docs_come_from_the_service_itself(server):
         asset = httpx.get(server + source)
         assert asset.status_code == 200 and len(asset.content) > 100, source
     assert "SwaggerUIBundle" in httpx.get(f"{server}/docs/assets/swagger-ui-bundle.js").text
+
+
+# -- memory under many clients ---------------------------------------------------------------------------------------
+def test_uploads_are_decoded_on_the_services_few_worker_threads(demo_like_run, tmp_path):
+    """--worker-threads bounds the decodes running at once (anyio's default pool would run up to 40): every thread
+    that allocates at once gets a malloc arena that keeps what it freed (benchmarks/serve_memory.py)."""
+    running, most = [0], [0]
+    lock = threading.Lock()
+
+    def counting_engine(run_dir, config):
+        engine = Engine.load(run_dir, config)
+        decode = engine.decode
+
+        def counted(data: bytes):
+            with lock:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            try:
+                time.sleep(0.05)  # long enough for the callers to pile up
+                return decode(data)
+            finally:
+                with lock:
+                    running[0] -= 1
+
+        engine.decode = counted
+        return engine
+
+    image = png_bytes(blob_image("right"))
+    with running_server(demo_like_run, engine_factory=counting_engine, worker_threads=2, max_connections_per_client=0,
+                        audit_db=str(tmp_path / "a.sqlite")) as url, ThreadPoolExecutor(12) as pool:
+        statuses = list(pool.map(lambda _: httpx.post(f"{url}/v1/predict", files=upload(image), timeout=30)
+                                 .status_code, range(24)))
+    assert statuses == [200] * 24 and most[0] == 2
+
+
+def test_the_allocator_is_bounded_on_glibc():
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    assert tune_malloc(2)

@@ -198,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--receive-budget-mb", type=float,
                        help="upload MB held at once by requests being received; more get 503 (default 256)")
     serve.add_argument("--worker-threads", type=int, help="threads that decode and encode (default 4)")
+    serve.add_argument("--malloc-arenas", type=int,
+                       help="glibc malloc arenas of the process, large buffers mapped apart (default 2; 0: glibc's "
+                       "own defaults)")
 
     audit = commands.add_parser("audit", help="print a service's audit log, or export it as CSV/JSON")
     audit.add_argument("run", help="run folder")
@@ -613,7 +616,8 @@ def _run_serve(arguments: argparse.Namespace) -> int:
     config = with_values(ServeConfig(), **{name: getattr(arguments, name) for name in (
         "host", "port", "device", "backend", "max_batch", "max_wait_ms", "queue", "timeout_s", "token_file",
         "max_upload_mb", "max_pixels", "cors_origins", "audit_db", "allowed_hosts", "header_timeout_s",
-        "read_timeout_s", "min_upload_rate", "max_connections_per_client", "receive_budget_mb", "worker_threads")})
+        "read_timeout_s", "min_upload_rate", "max_connections_per_client", "receive_budget_mb", "worker_threads",
+        "malloc_arenas")})
     run_server(arguments.run, config, log_level="debug" if arguments.verbose else "info")
     return 0
 

@@ -244,7 +244,9 @@ class ServeConfig:
     max_connections_per_client: int = 8  # requests in progress from one client address; more get 429 (0: no cap)
     receive_budget_mb: float = 256.0  # upload bytes held at once by requests still being received; more get 503
     worker_threads: int = 4  # threads that decode uploads and encode answers (each keeps a malloc arena)
-    malloc_arenas: int = 2  # glibc malloc arenas of the `medxai serve` process (mallopt M_ARENA_MAX)
+    # glibc malloc arenas of the `medxai serve` process, with large buffers mapped apart (serve.server.tune_malloc);
+    # 0: glibc's own defaults (8 arenas per core)
+    malloc_arenas: int = 2
 
 
 @dataclass

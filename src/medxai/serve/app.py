@@ -359,9 +359,9 @@ def _check_limits(config: ServeConfig) -> None:
                 "read_timeout_s": config.read_timeout_s, "min_upload_rate": config.min_upload_rate,
                 "receive_budget_mb": config.receive_budget_mb, "worker_threads": config.worker_threads}
     wrong = [name for name, value in positive.items() if not value > 0]
-    if wrong or config.max_wait_ms < 0 or config.max_connections_per_client < 0:
-        raise ConfigError(f"serve limits must be > 0 ({', '.join(wrong) or 'all fine'}), max_wait_ms and "
-                          "max_connections_per_client >= 0")
+    if wrong or min(config.max_wait_ms, config.max_connections_per_client, config.malloc_arenas) < 0:
+        raise ConfigError(f"serve limits must be > 0 ({', '.join(wrong) or 'all fine'}), max_wait_ms, "
+                          "max_connections_per_client and malloc_arenas >= 0")
     if config.receive_budget_mb < config.max_upload_mb:
         raise ConfigError(f"receive_budget_mb ({config.receive_budget_mb:g}) must hold one upload of "
                           f"max_upload_mb ({config.max_upload_mb:g})")
@@ -544,11 +544,12 @@ def run_server(run_dir: str | Path, config: ServeConfig | None = None, *, log_le
     """``medxai serve``: the app on uvicorn until interrupted (loopback unless a token is given)."""
     import uvicorn
 
-    from medxai.serve.server import limit_malloc_arenas, uvicorn_config
+    from medxai.serve.server import tune_malloc, uvicorn_config
 
     config = config or ServeConfig()
     check_exposure(config)
-    limit_malloc_arenas(config.malloc_arenas)
+    if config.malloc_arenas:
+        tune_malloc(config.malloc_arenas)
     app = create_app(run_dir, config)
     logger.info("serving %s on http://%s:%d/ (page at /, API docs at /docs)", run_dir, config.host, config.port)
     uvicorn.Server(uvicorn_config(app, config, log_level=log_level)).run()

@@ -21,7 +21,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from medxai.config import ServeConfig
 
-__all__ = ["MAX_HEADER_BYTES", "BoundedHttpProtocol", "limit_malloc_arenas", "uvicorn_config"]
+__all__ = ["MAX_HEADER_BYTES", "MMAP_THRESHOLD_BYTES", "BoundedHttpProtocol", "tune_malloc", "uvicorn_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,10 @@ logger = logging.getLogger(__name__)
 MAX_HEADER_BYTES = 64 * 1024
 KEEP_ALIVE_S = 5
 GRACEFUL_SHUTDOWN_S = 5
-_M_ARENA_MAX = -8  # glibc's mallopt parameter number (malloc.h)
+#: Allocations this large are mapped on their own and unmapped when freed (a fixed threshold: glibc's own moves up).
+MMAP_THRESHOLD_BYTES = 1 << 20
+_M_ARENA_MAX = -8  # glibc's mallopt parameter numbers (malloc.h)
+_M_MMAP_THRESHOLD = -3
 
 
 class BoundedHttpProtocol(HttpToolsProtocol):
@@ -116,19 +119,19 @@ def uvicorn_config(app, config: ServeConfig, *, log_level: str = "info") -> uvic
                           timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
 
 
-def limit_malloc_arenas(count: int) -> bool:
-    """Cap glibc's malloc arenas at ``count`` (``mallopt(M_ARENA_MAX)``); False where the C library is not glibc.
+def tune_malloc(arenas: int) -> bool:
+    """Bound what glibc's allocator keeps: at most ``arenas`` arenas, and buffers of :data:`MMAP_THRESHOLD_BYTES` or
+    more mapped on their own (returned to the system when freed). False where the C library is not glibc.
 
-    glibc gives threads that allocate concurrently arenas of their own, up to 8 per core, and an arena keeps the
-    memory freed in it for reuse: under many concurrent uploads, every decoding and encoding thread grows one, and
-    the process keeps them all. Call before the server's threads start.
+    glibc gives threads that allocate at once arenas of their own (up to 8 per core), and an arena keeps what was
+    freed in it; it also raises its mmap threshold after each large free (up to 32 MiB), so that decoded images and
+    encoded overlays of a few MB come to live in the arenas too. Under many concurrent uploads of large images the
+    process then keeps hundreds of MB it no longer uses (``benchmarks/serve_memory.py``). Call before the server's
+    threads start.
     """
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.gnu_get_libc_version  # noqa: B018  glibc only
     except (OSError, AttributeError, TypeError):
         return False
-    if not hasattr(libc, "gnu_get_libc_version"):
-        return False
-    return bool(mallopt(_M_ARENA_MAX, count))
+    return bool(libc.mallopt(_M_ARENA_MAX, arenas)) and bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
