@@ -1,8 +1,8 @@
 """Resident memory of a real ``medxai serve`` under many concurrent clients: how much it grows, and whether it levels
 off.
 
-Starts ``medxai serve RUN`` in its own process on 127.0.0.1 (a free port, its own audit database in a temporary
-folder; no cap per client address, since every caller comes from this one; ``--serve-arg`` adds options, e.g.
+Starts ``medxai serve RUN`` in its own process as ``serve_load.py`` does (127.0.0.1, a free port, its own audit
+database, no cap per client address since every caller comes from this one; ``--serve-arg`` adds options, e.g.
 ``--serve-arg=--worker-threads=40``), waits for ``/readyz``, records the
 server's RSS (and its thread count), then sends ``--requests`` requests to ``--endpoint`` from ``--concurrency``
 concurrent callers (an asyncio httpx client, one connection each), sampling the server's RSS after every
@@ -26,17 +26,13 @@ import asyncio
 import json
 import os
 import platform
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psutil
+from serve_load import Server  # the same server process: loopback, a free port, its own audit database
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -65,12 +61,6 @@ def default_images() -> list[Path]:
     if not files:
         raise SystemExit(f"no JPEGs under {data}/chest_xray_fullres_sample")
     return files
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def megabytes(process: psutil.Process) -> float:
@@ -108,48 +98,24 @@ async def load(url: str, endpoint: str, payloads: list[bytes], requests: int, co
 def measure(arguments: argparse.Namespace) -> dict[str, Any]:
     images = [Path(path) for path in arguments.images] if arguments.images else default_images()
     payloads = [path.read_bytes() for path in images]
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryDirectory(prefix="medxai-serve-memory-") as folder:
-        command = [sys.executable, "-m", "medxai", "serve", arguments.run, "--port", str(port), "--device", "cpu",
-                   "--audit-db", str(Path(folder) / "audit.db"), "--queue", str(4 * arguments.concurrency),
-                   *([] if arguments.original else ["--max-connections-per-client", "0"]), *arguments.serve_arg]
-        server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + 180
-            while True:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"the server did not become ready: {' '.join(command)}")
-                try:
-                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.2)
-            process = psutil.Process(server.pid)
-            ready_mb = megabytes(process)
-            samples: list[dict[str, Any]] = []
+    with Server(arguments.run, arguments.serve_arg, "cpu", original=arguments.original) as server:
+        process = psutil.Process(server.process.pid)
+        ready_mb = megabytes(process)
+        samples: list[dict[str, Any]] = []
 
-            def sample(answered: int) -> None:
-                samples.append({"answered": answered, "rss_mb": megabytes(process), "threads": process.num_threads()})
+        def sample(answered: int) -> None:
+            samples.append({"answered": answered, "rss_mb": megabytes(process), "threads": process.num_threads()})
 
-            started = time.monotonic()
-            statuses = asyncio.run(load(url, arguments.endpoint, payloads, arguments.requests, arguments.concurrency,
-                                        started + arguments.max_seconds, sample))
-            wall = time.monotonic() - started
-            sample(sum(statuses.values()))
-        finally:
-            server.send_signal(signal.SIGINT)
-            try:
-                server.wait(30)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+        started = time.monotonic()
+        statuses = asyncio.run(load(server.url, arguments.endpoint, payloads, arguments.requests,
+                                    arguments.concurrency, started + arguments.max_seconds, sample))
+        wall = time.monotonic() - started
+        sample(sum(statuses.values()))
     peak = max(row["rss_mb"] for row in samples)
     return {
         "label": arguments.label, "endpoint": arguments.endpoint, "requests": sum(statuses.values()),
         "concurrency": arguments.concurrency, "statuses": statuses, "wall_s": round(wall, 1),
-        "serve_args": arguments.serve_arg, "malloc_arena_max_env": os.environ.get("MALLOC_ARENA_MAX"),
+        "serve_args": arguments.serve_arg,
         "rss_ready_mb": ready_mb, "rss_peak_mb": peak, "rss_end_mb": samples[-1]["rss_mb"],
         "growth_mb": round(samples[-1]["rss_mb"] - ready_mb, 1), "peak_growth_mb": round(peak - ready_mb, 1),
         "samples": samples, "images": f"{len(images)} files, e.g. {images[0].name}",
