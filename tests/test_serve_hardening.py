@@ -211,6 +211,26 @@ def test_a_body_larger_than_declared_or_undeclared_is_cut_off_at_the_limit(serve
     assert client.answer()[0] == 413
 
 
+def test_uploads_being_received_share_a_memory_budget(demo_like_run, tmp_path):
+    """--receive-budget-mb 2: two clients that declared 1 MB each and send nothing hold it; a third upload gets 503
+    ``busy`` before its body is read, and is answered once they are cut off."""
+    audit = tmp_path / "audit.sqlite"
+    image = png_bytes(blob_image("left"))
+    with running_server(demo_like_run, max_upload_mb=1, receive_budget_mb=2, audit_db=str(audit),
+                        **slow_settings()) as url:
+        holders = [RawClient(url) for _ in range(2)]
+        for holder in holders:
+            holder.send(holder.post_headers(length=1024 * 1024))
+        time.sleep(0.3)
+        busy = httpx.post(f"{url}/v1/predict", files=upload(image))
+        assert_json_error(busy, 503, "busy")
+        assert busy.headers["retry-after"] == "1"
+        assert [holder.answer()[0] for holder in holders] == [408, 408]
+        assert httpx.post(f"{url}/v1/predict", files=upload(image)).status_code == 200
+    assert outcomes(audit) == Counter({("predict", 503, "busy"): 1, ("predict", 408, "request_timeout"): 2,
+                                       ("predict", 200, "ok"): 1})
+
+
 # -- no path in any answer (defect 4) ---------------------------------------------------------------------------------
 def test_a_model_that_fails_to_load_says_what_failed_without_a_path(demo_like_run, tmp_path, caplog):
     run = tmp_path / "broken"

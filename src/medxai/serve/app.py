@@ -208,6 +208,7 @@ class _Service:
     load_error: str | None = None
     admitted: int = 0
     arriving: int = 0  # admitted requests not yet handed to the batcher (see incoming)
+    receiving: int = 0  # model requests whose body is being received (see incoming)
     token: str | None = None
     audit: AuditLog | None = None
     batcher: MicroBatcher | None = None
@@ -253,8 +254,8 @@ class _Service:
         self.metrics.queue_depth.set(self.admitted)
 
     def incoming(self) -> int:
-        """Requests admitted and not yet handed to the batcher (being decoded)."""
-        return self.arriving
+        """Model requests on their way to the batcher: their body being received, or admitted and being decoded."""
+        return self.receiving + self.arriving
 
     def submitted(self, scope) -> None:
         """The request of ``scope`` reached the batcher (or failed before): it is no longer on its way."""
@@ -541,7 +542,11 @@ def _version() -> str:
 
 
 def run_server(run_dir: str | Path, config: ServeConfig | None = None, *, log_level: str = "info") -> None:
-    """``medxai serve``: the app on uvicorn until interrupted (loopback unless a token is given)."""
+    """``medxai serve``: the app on uvicorn until interrupted (loopback unless a token is given).
+
+    Raises:
+        ConfigError: exposure without a token, a bad limit, or uvicorn could not start (the port is taken...).
+    """
     import uvicorn
 
     from medxai.serve.server import tune_malloc, uvicorn_config
@@ -552,4 +557,10 @@ def run_server(run_dir: str | Path, config: ServeConfig | None = None, *, log_le
         tune_malloc(config.malloc_arenas)
     app = create_app(run_dir, config)
     logger.info("serving %s on http://%s:%d/ (page at /, API docs at /docs)", run_dir, config.host, config.port)
-    uvicorn.Server(uvicorn_config(app, config, log_level=log_level)).run()
+    server = uvicorn.Server(uvicorn_config(app, config, log_level=log_level))
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass  # Ctrl-C: uvicorn shut down gracefully (as uvicorn.run does)
+    if not server.started:
+        raise ConfigError(f"the server could not start on {config.host}:{config.port} (see the log above)")

@@ -217,6 +217,8 @@ class Gate:
 
     async def _model_request(self, exchange: _Exchange, scope, receive) -> None:
         """Receive the body, admit the request, run the route on the received body."""
+        service = self.service
+        service.receiving += 1
         try:
             chunks = await self._receive_body(scope, receive)
         except _Refused as refused:
@@ -225,7 +227,8 @@ class Gate:
             else:
                 await exchange.answer(refused.error, receive)
             return
-        service = self.service
+        finally:
+            service.receiving -= 1
         if service.admitted >= service.config.queue:
             await exchange.answer(self._queue_full(), receive)
             return
