@@ -22,14 +22,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from medxai.errors import ConfigError, ImageTooLargeError, InvalidImageError
 from medxai.serve.batcher import QueueFullError
 
-__all__ = ["ANSWER", "QUEUE_FULL_RETRY_S", "ServiceError", "error_response", "install_error_handlers",
+__all__ = ["ANSWER", "RETRY_AFTER_S", "ServiceError", "error_response", "install_error_handlers",
            "queue_full", "scrub_paths", "status_code_name", "unexpected_error"]
 
 logger = logging.getLogger(__name__)
 
 #: Scope key: the :class:`ServiceError` a request was answered with (the gate's audit row and log line read it).
 ANSWER = "medxai.answer"
-QUEUE_FULL_RETRY_S = 1
+RETRY_AFTER_S = 1  # what a refusal for load (queue full, busy, too many requests) asks to wait
 
 # An absolute path: POSIX ("/srv/runs/x", two components at least, so "a/b" ratios and "/" alone are not paths),
 # Windows ("C:\runs", "\\server\share"), a home ("~/x") or a file URL. Not preceded by a word character, a dot or a
@@ -63,7 +63,7 @@ def error_response(scope, error: ServiceError) -> JSONResponse:
 
 
 def queue_full(detail: str) -> ServiceError:
-    return ServiceError(503, "queue_full", detail, {"Retry-After": str(QUEUE_FULL_RETRY_S)})
+    return ServiceError(503, "queue_full", detail, {"Retry-After": str(RETRY_AFTER_S)})
 
 
 _STATUS_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 from medxai.serve.errors import (
     ANSWER,
+    RETRY_AFTER_S,
     ServiceError,
     error_response,
     queue_full,
@@ -55,7 +56,6 @@ ANY_HOST_PATHS = ("/livez", "/readyz")
 CACHEABLE_PREFIXES = ("/static/", "/docs/")
 #: Scope key: the audit values of a model request (request id, upload digest, label...), filled as it goes.
 AUDIT = "medxai.audit"
-RETRY_AFTER_S = 1
 CLIENT_CLOSED = 499  # nginx's status for "the client went away before the answer"; a metrics and audit value only
 
 _PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
