@@ -83,13 +83,15 @@ def free_port() -> int:
 class Server:
     """``medxai serve`` in a child process on loopback, stopped on exit (SIGINT, then SIGKILL)."""
 
-    def __init__(self, run: str, extra: list[str], device: str) -> None:
+    def __init__(self, run: str, extra: list[str], device: str, *, original: bool = False) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.folder = tempfile.TemporaryDirectory(prefix="medxai-serve-load-")
+        # every caller comes from this one address: no per-client cap (the code before issue 17 has none to lift)
+        uncapped = [] if original else ["--max-connections-per-client", "0"]
         self.command = [sys.executable, "-m", "medxai", "serve", run, "--host", "127.0.0.1", "--port",
                         str(self.port), "--device", device, "--audit-db", str(Path(self.folder.name) / "audit.db"),
-                        "--queue", "256", *extra]
+                        "--queue", "256", *uncapped, *extra]
 
     def __enter__(self) -> Server:  # noqa: PYI034
         self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

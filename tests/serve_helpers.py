@@ -14,6 +14,7 @@ import uvicorn
 
 from medxai.config import ServeConfig
 from medxai.serve.app import create_app
+from medxai.serve.server import uvicorn_config
 
 START_TIMEOUT_S = 30.0
 READY_TIMEOUT_S = 60.0
@@ -34,10 +35,10 @@ def running_server(run_dir: str | Path, *, engine_factory=None, wait_ready: bool
         wait_ready: wait until ``/readyz`` answers 200 before yielding.
         settings: :class:`~medxai.config.ServeConfig` fields (default audit database: beside the run).
     """
-    config = ServeConfig(device="cpu", **settings)
-    app = create_app(run_dir, config, engine_factory=engine_factory)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    config = ServeConfig(device="cpu", host="127.0.0.1", port=port, **settings)
+    app = create_app(run_dir, config, engine_factory=engine_factory)
+    server = uvicorn.Server(uvicorn_config(app, config, log_level="warning"))  # what `medxai serve` runs
     thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"

@@ -56,14 +56,15 @@ def service(demo_like_run):
         yield url
 
 
-def open_page(browser, url: str):
-    """A fresh page on the service, every request it makes and every script error it raises recorded."""
+def open_page(browser, url: str, path: str = "/"):
+    """A fresh page on the service, every request it makes and every script error it raises recorded (a Content
+    Security Policy violation is a console error)."""
     opened = browser.new_page(viewport={"width": 1280, "height": 900}, accept_downloads=True)
     opened.requests, opened.errors = [], []
     opened.on("request", lambda request: opened.requests.append(request))
     opened.on("pageerror", lambda error: opened.errors.append(str(error)))
     opened.on("console", lambda message: message.type == "error" and opened.errors.append(message.text))
-    opened.goto(f"{url}/", wait_until="load")
+    opened.goto(f"{url}{path}", wait_until="load")
     return opened
 
 
@@ -236,5 +237,24 @@ def test_page_asks_for_the_token_keeps_it_in_memory_and_sends_it(browser, token_
         assert token not in stored and page.input_value("#token") == ""
         page.errors = [error for error in page.errors if "401" not in error]  # the refused requests, logged
         assert not page.errors, page.errors
+    finally:
+        page.close()
+
+
+def test_api_docs_render_from_the_service_alone_under_its_policy(browser, service):
+    """Swagger UI from the package's files: every operation listed, one expanded, nothing fetched from elsewhere and
+    nothing the Content-Security-Policy had to block."""
+    page = open_page(browser, service, "/docs")
+    try:
+        page.wait_for_selector(".opblock", timeout=RESULT_TIMEOUT_MS)
+        paths = set(httpx.get(f"{service}/openapi.json", timeout=10).json()["paths"])
+        shown = set(page.eval_on_selector_all(".opblock-summary-path", "nodes => nodes.map(n => n.dataset.path)"))
+        assert shown == paths
+        page.locator(".opblock-summary", has_text="/v1/predict").first.click()
+        page.wait_for_selector(".opblock.is-open .parameters-container, .opblock.is-open .opblock-section",
+                               timeout=RESULT_TIMEOUT_MS)
+        assert not page.errors, page.errors
+        outside = [request.url for request in page.requests if not request.url.startswith((f"{service}/", "data:"))]
+        assert not outside, outside
     finally:
         page.close()

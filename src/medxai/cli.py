@@ -185,6 +185,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cors-origin", action="append", dest="cors_origins",
                        help="a browser origin allowed to call the API (repeatable; default: CORS off)")
     serve.add_argument("--audit-db", help="SQLAlchemy URL or SQLite file (default: RUN/serve/audit.sqlite)")
+    serve.add_argument("--allowed-host", action="append", dest="allowed_hosts", metavar="NAME",
+                       help="a Host name to answer besides loopback names and --host (repeatable; '*': any)")
+    serve.add_argument("--header-timeout-s", type=float,
+                       help="time a client has to send its request headers (default 10)")
+    serve.add_argument("--read-timeout-s", type=float,
+                       help="longest pause in an upload, and the grace before --min-upload-rate applies (default 10)")
+    serve.add_argument("--min-upload-rate", type=float,
+                       help="bytes per second an upload must average after the grace (default 16384)")
+    serve.add_argument("--max-connections-per-client", type=int,
+                       help="requests in progress from one address; more get 429 (default 8; 0: no cap)")
+    serve.add_argument("--receive-budget-mb", type=float,
+                       help="upload MB held at once by requests being received; more get 503 (default 256)")
+    serve.add_argument("--worker-threads", type=int, help="threads that decode and encode (default 4)")
+    serve.add_argument("--malloc-arenas", type=int,
+                       help="glibc malloc arenas of the process, large buffers mapped apart (default 2; 0: glibc's "
+                       "own defaults)")
 
     audit = commands.add_parser("audit", help="print a service's audit log, or export it as CSV/JSON")
     audit.add_argument("run", help="run folder")
@@ -599,7 +615,9 @@ def _run_serve(arguments: argparse.Namespace) -> int:
 
     config = with_values(ServeConfig(), **{name: getattr(arguments, name) for name in (
         "host", "port", "device", "backend", "max_batch", "max_wait_ms", "queue", "timeout_s", "token_file",
-        "max_upload_mb", "max_pixels", "cors_origins", "audit_db")})
+        "max_upload_mb", "max_pixels", "cors_origins", "audit_db", "allowed_hosts", "header_timeout_s",
+        "read_timeout_s", "min_upload_rate", "max_connections_per_client", "receive_budget_mb", "worker_threads",
+        "malloc_arenas")})
     run_server(arguments.run, config, log_level="debug" if arguments.verbose else "info")
     return 0
 

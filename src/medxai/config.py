@@ -233,6 +233,20 @@ class ServeConfig:
     explanations_kept: int = 64  # overlays kept for GET /v1/explanations/{id} (overlay=url), newest first
     explanations_ttl_s: float = 600.0  # and for at most this long
     channels_last: bool = True  # NHWC weights and inputs on the CPU (faster convolutions; Classifier.use_channels_last)
+    # Host header names answered besides loopback names and the bound address (DNS rebinding); "*": any name.
+    allowed_hosts: list[str] = field(default_factory=list)
+    # Slow clients: a connection must send its request line and headers within header_timeout_s; an upload may not
+    # pause longer than read_timeout_s and, after that grace, must arrive at min_upload_rate bytes/s on average
+    # (408). A request counts against `queue` only once its body is in.
+    header_timeout_s: float = 10.0
+    read_timeout_s: float = 10.0
+    min_upload_rate: float = 16384.0
+    max_connections_per_client: int = 8  # requests in progress from one client address; more get 429 (0: no cap)
+    receive_budget_mb: float = 256.0  # upload bytes held at once by requests still being received; more get 503
+    worker_threads: int = 4  # threads that decode uploads and encode answers (each keeps a malloc arena)
+    # glibc malloc arenas of the `medxai serve` process, with large buffers mapped apart (serve.server.tune_malloc);
+    # 0: glibc's own defaults (8 arenas per core)
+    malloc_arenas: int = 2
 
 
 @dataclass

@@ -2,14 +2,15 @@
 
 The layers, outside in:
 
-1. :class:`_Gate`, a plain ASGI middleware in front of everything: the bearer token, readiness and the bounded
-   admission of model requests (503 with ``Retry-After``), and the upload size limit, enforced on the bytes as they
-   arrive (a lying or missing ``Content-Length`` changes nothing). It refuses before a byte of the body is read.
-2. The routes: decode the upload in a worker thread (content sniffed, decoder limits from :mod:`medxai.data`), hand
-   it to the :class:`~medxai.serve.batcher.MicroBatcher`, build the answer in a worker thread, record it in the audit
-   log and the metrics.
-3. Exception handlers that turn every error into ``{"error", "detail"}`` with the right 4xx status; an unexpected
-   error is a 500 that says only "internal error" and the request id (the traceback goes to the server log).
+1. :class:`~medxai.serve.gate.Gate`, a plain ASGI middleware in front of everything: Host, token and cross-site
+   checks, a cap per client address, readiness, the upload received within size, time and memory limits BEFORE the
+   request is admitted against ``--queue``, security headers, and one audit row and metrics observation for every
+   answer to a model request.
+2. The routes: decode the upload in one of the service's worker threads (content sniffed, decoder limits from
+   :mod:`medxai.data`), hand it to the :class:`~medxai.serve.batcher.MicroBatcher`, build the answer in a worker
+   thread.
+3. Exception handlers (:mod:`medxai.serve.errors`) that turn every error into ``{"error", "detail"}`` with the right
+   status and no file path; an unexpected error is a 500 that says only "internal error" and a reference.
 
 The model loads in the background after start-up, so ``/livez`` answers at once and ``/readyz`` turns 200 only after
 one warm-up batch ran.
@@ -18,10 +19,11 @@ one warm-up batch ran.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
-import hmac
 import ipaddress
 import logging
+import re
 import threading
 import time
 import uuid
@@ -32,28 +34,31 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
+import anyio
 from fastapi import FastAPI, File, Query, Request, UploadFile
-from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from pydantic import BaseModel
-from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medxai.config import ServeConfig
 from medxai.errors import (
+    CheckpointError,
     ConfigError,
-    ImageTooLargeError,
+    DataError,
     InvalidImageError,
     MedxaiError,
+    ModelError,
 )
 from medxai.explain import CAM_METHODS
 from medxai.run_folder import RunFolder
 from medxai.serve.audit import AuditEntry, AuditLog, audit_url
-from medxai.serve.batcher import MicroBatcher, QueueFullError
+from medxai.serve.batcher import MicroBatcher
 from medxai.serve.engine import DEFAULT_METHOD, PREDICT, Engine, explain_key
+from medxai.serve.errors import ServiceError, install_error_handlers
+from medxai.serve.gate import AUDIT, Gate, GateLimits, allowed_hosts, security_headers
 from medxai.serve.metrics import CONTENT_TYPE_LATEST, ServiceMetrics
 from medxai.serve.render import (
     ExplainOptions,
@@ -68,31 +73,19 @@ __all__ = ["ServiceError", "check_exposure", "create_app", "is_loopback", "read_
 logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
-MODEL_PATHS = {"/v1/predict": "predict", "/v1/explain": "explain"}
-#: Paths anyone may reach when a token is configured: probes, the page (it asks for the token) and the API docs.
-OPEN_PATHS = ("/livez", "/readyz", "/", "/docs", "/openapi.json", "/favicon.ico")
-OPEN_PREFIXES = ("/static/",)
 NOT_READY_RETRY_S = 5
 _ARRIVING = "medxai.arriving"  # scope key: this request counts in _Service.arriving
-QUEUE_FULL_RETRY_S = 1
+#: What a failed load says to callers, by kind of error (the details, paths included, go to the server log only).
+_LOAD_FAILURES = ((CheckpointError, "checkpoint unreadable"), (ConfigError, "configuration invalid"),
+                  (ModelError, "model cannot be built"), (DataError, "run data unreadable"),
+                  (InvalidImageError, "warm-up image unreadable"), (MedxaiError, "run unusable"),
+                  (OSError, "file unreadable"), (MemoryError, "out of memory"))
 
 EngineFactory = Callable[[Path, ServeConfig], Engine]
 
 CamMethod = Enum("CamMethod", {name: name for name in sorted(CAM_METHODS)}, type=str)
 OverlayMode = Enum("OverlayMode", {"inline": "inline", "url": "url"}, type=str)
 Upload = Annotated[UploadFile, File(description="the image: PNG, JPEG, TIFF, BMP, DICOM or NIfTI (content sniffed)")]
-
-
-class ServiceError(Exception):
-    """An answer other than 200: status, error code, words for the caller, extra headers."""
-
-    def __init__(self, status: int, error: str, detail: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(detail)
-        self.status, self.error, self.detail, self.headers = status, error, detail, headers or {}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse({"error": self.error, "detail": self.detail}, status_code=self.status,
-                            headers=self.headers)
 
 
 # -- response models (the OpenAPI schema) ------------------------------------------------------------------------
@@ -161,7 +154,7 @@ class ExplainBody(PredictBody):
     explanation: ExplanationFields
 
 
-_ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 413, 422, 501, 503, 504)}
+_ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 403, 408, 413, 422, 429, 501, 503, 504)}
 
 
 # -- security ------------------------------------------------------------------------------------------------------
@@ -215,19 +208,28 @@ class _Service:
     load_error: str | None = None
     admitted: int = 0
     arriving: int = 0  # admitted requests not yet handed to the batcher (see incoming)
+    receiving: int = 0  # model requests whose body is being received (see incoming)
     token: str | None = None
     audit: AuditLog | None = None
     batcher: MicroBatcher | None = None
     store: ExplanationStore | None = None
+    workers: anyio.CapacityLimiter | None = None
 
     def load(self) -> None:
-        """Load and warm up the model (in a background thread); readiness follows."""
+        """Load and warm up the model (in a background thread); readiness follows.
+
+        A failure is logged here, with the run's path and the error, for the operator; callers are told only what
+        failed, in words (:meth:`not_ready`)."""
         try:
             engine = self.engine_factory(self.run_dir, self.config)
             engine.warm_up()
         except Exception as error:
-            self.load_error = str(error) if isinstance(error, MedxaiError) else type(error).__name__
-            logger.exception("the model could not be loaded from %s", self.run_dir)
+            self.load_error = next((words for kind, words in _LOAD_FAILURES if isinstance(error, kind)),
+                                   "unexpected error")
+            if isinstance(error, MedxaiError):
+                logger.error("the model could not be loaded from %s: %s", self.run_dir, error)
+            else:
+                logger.exception("the model could not be loaded from %s", self.run_dir)
             return
         self.engine = engine
         self.ready = True
@@ -235,18 +237,38 @@ class _Service:
 
     def not_ready(self) -> ServiceError:
         """The 503 of a request that needs the model before it is loaded and warmed up (or when loading failed)."""
-        detail = ("the model failed to load: " + self.load_error) if self.load_error else \
+        detail = f"the model failed to load ({self.load_error}); see the server log" if self.load_error else \
             "the model is loading; try again shortly"
         return ServiceError(503, "not_ready", detail, {"Retry-After": str(NOT_READY_RETRY_S)})
 
+    def admit(self, scope) -> None:
+        """A model request whose body is in counts against ``--queue`` until it is answered."""
+        self.admitted += 1
+        self.arriving += 1
+        scope[_ARRIVING] = True
+        self.metrics.queue_depth.set(self.admitted)
+
+    def release(self, scope) -> None:
+        self.submitted(scope)
+        self.admitted -= 1
+        self.metrics.queue_depth.set(self.admitted)
+
     def incoming(self) -> int:
-        """Requests admitted and not yet handed to the batcher (their bodies are being read or decoded)."""
-        return self.arriving
+        """Model requests on their way to the batcher: their body being received, or admitted and being decoded."""
+        return self.receiving + self.arriving
 
     def submitted(self, scope) -> None:
         """The request of ``scope`` reached the batcher (or failed before): it is no longer on its way."""
         if scope.pop(_ARRIVING, False):
             self.arriving -= 1
+
+    async def in_worker(self, function: Callable[..., Any], *args: Any) -> Any:
+        """``function(*args)`` in one of the service's own worker threads (decoding, encoding).
+
+        Their number is bounded (``worker_threads``), not anyio's default 40: each thread that allocates gets a
+        malloc arena of its own, which keeps what it freed, so memory under many concurrent uploads grows with the
+        number of threads (``benchmarks/serve_memory.py``)."""
+        return await anyio.to_thread.run_sync(function, *args, limiter=self.workers)
 
     def run_batch(self, key, items):
         return self.engine.run_batch(key, items)
@@ -267,179 +289,8 @@ class _Service:
                 backend=self.engine.backend if self.engine is not None else None, **values))
 
 
-# -- the gate ------------------------------------------------------------------------------------------------------
-class _Gate:
-    """Token, readiness, admission and upload size, before the application reads a byte of the body."""
-
-    def __init__(self, app, service: _Service) -> None:
-        self.app = app
-        self.service = service
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path = scope["path"]
-        endpoint = MODEL_PATHS.get(path) if scope["method"] == "POST" else None
-        started = time.perf_counter()
-        refusal = self._refusal(scope, path, endpoint)
-        if refusal is not None:
-            if endpoint is not None:
-                self.service.record(endpoint, refusal.status, refusal.error, started)
-            await refusal.response()(scope, receive, send)
-            return
-        if endpoint is None:
-            await self.app(scope, receive, send)
-            return
-        self.service.admitted += 1
-        self.service.arriving += 1
-        scope[_ARRIVING] = True
-        self.service.metrics.queue_depth.set(self.service.admitted)
-        try:
-            await self._limited(scope, receive, send, endpoint, started)
-        finally:
-            self.service.submitted(scope)
-            self.service.admitted -= 1
-            self.service.metrics.queue_depth.set(self.service.admitted)
-
-    def _refusal(self, scope, path: str, endpoint: str | None) -> ServiceError | None:
-        service = self.service
-        if service.token is not None and not _is_open(path) and not _has_token(scope, service.token):
-            return ServiceError(401, "unauthorized", "a bearer token is required: 'Authorization: Bearer <token>'",
-                                {"WWW-Authenticate": "Bearer"})
-        if endpoint is None:
-            return None
-        if not service.ready:
-            return service.not_ready()
-        if service.admitted >= service.config.queue:
-            return ServiceError(503, "queue_full", f"{service.admitted} requests are in progress (queue "
-                                f"{service.config.queue}); try again shortly",
-                                {"Retry-After": str(QUEUE_FULL_RETRY_S)})
-        declared = _content_length(scope)
-        if declared is not None and declared > _upload_limit(service.config):
-            return _upload_too_large(service.config)
-        return None
-
-    async def _limited(self, scope, receive, send, endpoint: str, started: float) -> None:
-        """Run the app with the body counted as it arrives; past the limit the app sees a disconnect and the
-        caller gets 413."""
-        limit = _upload_limit(self.service.config)
-        received = 0
-        too_large = False
-        responded = False
-
-        async def counted_receive():
-            nonlocal received, too_large
-            if too_large:
-                return {"type": "http.disconnect"}
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    too_large = True
-                    return {"type": "http.disconnect"}
-            return message
-
-        async def guarded_send(message):
-            nonlocal responded
-            if too_large:
-                return  # the app's answer to the cut-off body is replaced by the 413 below
-            if message["type"] == "http.response.start":
-                responded = True
-            await send(message)
-
-        try:
-            await self.app(scope, counted_receive, guarded_send)
-        except Exception:
-            if not too_large:
-                raise
-        if too_large and not responded:
-            self.service.record(endpoint, 413, "upload_too_large", started)
-            await _upload_too_large(self.service.config).response()(scope, receive, send)
-
-
-def _is_open(path: str) -> bool:
-    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
-
-
-def _has_token(scope, token: str) -> bool:
-    for name, value in scope.get("headers", []):
-        if name == b"authorization":
-            scheme, _, given = value.decode("latin-1").partition(" ")
-            return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
-    return False
-
-
-def _content_length(scope) -> int | None:
-    for name, value in scope.get("headers", []):
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None
-
-
 def _upload_limit(config: ServeConfig) -> int:
     return int(config.max_upload_mb * 1024 * 1024)
-
-
-def _upload_too_large(config: ServeConfig) -> ServiceError:
-    return ServiceError(413, "upload_too_large", f"the upload is larger than {config.max_upload_mb:g} MB "
-                        "(--max-upload-mb)")
-
-
-# -- errors --------------------------------------------------------------------------------------------------------
-_STATUS_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-                 413: "upload_too_large", 415: "unsupported_media_type", 422: "validation_error"}
-
-
-def _error_of(error: Exception) -> ServiceError:
-    """A request's failure as the answer it deserves (never a 500 for bad input)."""
-    if isinstance(error, ServiceError):
-        return error
-    if isinstance(error, ImageTooLargeError):
-        return ServiceError(413, "image_too_large", error.reason)
-    if isinstance(error, InvalidImageError):
-        return ServiceError(400, "invalid_image", error.reason)
-    if isinstance(error, QueueFullError):
-        return ServiceError(503, "queue_full", "too many requests are waiting; try again shortly",
-                            {"Retry-After": str(QUEUE_FULL_RETRY_S)})
-    if isinstance(error, asyncio.TimeoutError):
-        return ServiceError(504, "timeout", "the model did not answer in time (--timeout-s); try again")
-    if isinstance(error, ConfigError):
-        return ServiceError(400, "bad_request", str(error))
-    raise error
-
-
-def _validation_detail(error: RequestValidationError) -> str:
-    parts = []
-    for item in error.errors():
-        where = ".".join(str(part) for part in item.get("loc", ()) if part not in ("body", "query"))
-        parts.append(f"{where or 'request'}: {item.get('msg', 'invalid')}")
-    return "; ".join(parts) or "invalid request"
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ServiceError)
-    async def service_error(_request: Request, error: ServiceError) -> JSONResponse:
-        return error.response()
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(_request: Request, error: RequestValidationError) -> JSONResponse:
-        return ServiceError(422, "validation_error", _validation_detail(error)).response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, error: StarletteHTTPException) -> JSONResponse:
-        code = _STATUS_CODES.get(error.status_code, "error")
-        detail = error.detail if isinstance(error.detail, str) else code.replace("_", " ")
-        return ServiceError(error.status_code, code, detail, dict(error.headers or {})).response()
-
-    @app.exception_handler(Exception)
-    async def unexpected(_request: Request, error: Exception) -> JSONResponse:
-        reference = uuid.uuid4().hex[:12]
-        logger.error("internal error (reference %s)", reference, exc_info=error)
-        return ServiceError(500, "internal", f"internal error (reference {reference}); see the server log").response()
 
 
 # -- the application -----------------------------------------------------------------------------------------------
@@ -450,7 +301,8 @@ def create_app(
 
     Args:
         run_dir: a trained run (``medxai train``); nothing else is read.
-        config: see :class:`~medxai.config.ServeConfig` (``host`` and ``port`` are the caller's business).
+        config: see :class:`~medxai.config.ServeConfig` (``host`` and ``port`` are the caller's business, but the
+            ``Host`` header is checked against ``host`` and ``allowed_hosts``).
         engine_factory: builds the :class:`~medxai.serve.engine.Engine` (tests hold loading back with one);
             default :meth:`Engine.load`.
 
@@ -461,8 +313,7 @@ def create_app(
     config = config or ServeConfig()
     run = RunFolder(run_dir)
     run.check_is_run()
-    if config.max_batch < 1 or config.queue < 1 or config.max_wait_ms < 0 or config.timeout_s <= 0:
-        raise ConfigError("max_batch and queue must be >= 1, max_wait_ms >= 0 and timeout_s > 0")
+    _check_limits(config)
     service = _Service(run.path, config, engine_factory or Engine.load, token=read_token(config.token_file))
 
     @asynccontextmanager
@@ -470,6 +321,7 @@ def create_app(
         Image.MAX_IMAGE_PIXELS = config.max_pixels  # the readers' 2D pixel limit, read at each check
         service.audit = AuditLog(audit_url(config.audit_db or run.audit_db_path))
         service.store = ExplanationStore(config.explanations_kept, config.explanations_ttl_s)
+        service.workers = anyio.CapacityLimiter(config.worker_threads)
         service.batcher = MicroBatcher(service.run_batch, max_batch=config.max_batch,
                                        max_wait_ms=config.max_wait_ms, max_queue=config.queue,
                                        on_batch=service.on_batch, incoming=service.incoming)
@@ -483,17 +335,37 @@ def create_app(
             await service.batcher.stop()
             service.audit.close()
 
-    app = FastAPI(title="medxai", version=_version(), lifespan=lifespan,
+    app = FastAPI(title="medxai", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Medical image classification with calibrated probabilities, an out-of-domain guard "
                               "and Grad-CAM explanations. Not a medical device.")
     app.state.service = service
-    _install_error_handlers(app)
+    install_error_handlers(app)
     _add_routes(app, service)
+    docs_hashes = _add_docs(app)
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
-    app.add_middleware(_Gate, service=service)
+    limits = GateLimits(upload_bytes=_upload_limit(config), read_timeout_s=config.read_timeout_s,
+                        min_upload_rate=config.min_upload_rate, per_client=config.max_connections_per_client,
+                        allowed_hosts=allowed_hosts(config.host, config.allowed_hosts),
+                        cors_origins=frozenset(config.cors_origins))
+    app.add_middleware(Gate, service=service, limits=limits, headers=security_headers(docs_hashes))
     return app
+
+
+def _check_limits(config: ServeConfig) -> None:
+    """Raises ConfigError for a limit that cannot work."""
+    positive = {"max_batch": config.max_batch, "queue": config.queue, "timeout_s": config.timeout_s,
+                "max_upload_mb": config.max_upload_mb, "header_timeout_s": config.header_timeout_s,
+                "read_timeout_s": config.read_timeout_s, "min_upload_rate": config.min_upload_rate,
+                "receive_budget_mb": config.receive_budget_mb, "worker_threads": config.worker_threads}
+    wrong = [name for name, value in positive.items() if not value > 0]
+    if wrong or min(config.max_wait_ms, config.max_connections_per_client, config.malloc_arenas) < 0:
+        raise ConfigError(f"serve limits must be > 0 ({', '.join(wrong) or 'all fine'}), max_wait_ms, "
+                          "max_connections_per_client and malloc_arenas >= 0")
+    if config.receive_budget_mb < config.max_upload_mb:
+        raise ConfigError(f"receive_budget_mb ({config.receive_budget_mb:g}) must hold one upload of "
+                          f"max_upload_mb ({config.max_upload_mb:g})")
 
 
 def _add_routes(app: FastAPI, service: _Service) -> None:
@@ -522,7 +394,7 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
     @app.post("/v1/predict", tags=["model"], response_model=PredictBody, responses=_ERRORS)
     async def predict(request: Request, file: Upload):
         """Label, calibrated probabilities, decision rule and out-of-domain verdict of one image."""
-        return await _answer(service, request, "predict", file, None)
+        return await _answer(service, request, file, None)
 
     @app.post("/v1/explain", tags=["model"], response_model=ExplainBody, responses=_ERRORS)
     async def explain(
@@ -540,7 +412,7 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
         """The prediction and its heatmap overlay at the image's original resolution, from one forward pass."""
         options = ExplainOptions(alpha=alpha, colormap=_check_colormap(colormap), overlay=overlay.value,
                                  layers=layers, raw=raw)
-        return await _answer(service, request, "explain", file, (method.value, target or None, options))
+        return await _answer(service, request, file, (method.value, target or None, options))
 
     @app.get("/v1/explanations/{explanation_id}/overlay.png", tags=["model"],
              responses={200: {"content": {"image/png": {}}}, 404: {"model": ErrorBody}})
@@ -559,25 +431,48 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
             return FileResponse(STATIC_DIR / "index.html")
 
 
+def _add_docs(app: FastAPI) -> tuple[str, ...]:
+    """``/docs``: Swagger UI from the files the ``swagger-ui-bundle-v2`` package ships (no CDN, a pinned version).
+
+    Returns:
+        the CSP sources (``sha256-...``) of the page's inline start-up script, the only inline script allowed.
+    """
+    from swagger_ui_bundle import swagger_ui_path
+
+    assets = Path(str(swagger_ui_path))
+    app.mount("/docs/assets", StaticFiles(directory=assets), name="swagger-ui")
+    html = get_swagger_ui_html(openapi_url=app.openapi_url, title="medxai API",
+                               swagger_js_url="/docs/assets/swagger-ui-bundle.js",
+                               swagger_css_url="/docs/assets/swagger-ui.css",
+                               swagger_favicon_url="/docs/assets/favicon-32x32.png",
+                               swagger_ui_parameters={"validatorUrl": None}).body.decode()
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return HTMLResponse(html)
+
+    inline = re.findall(r"<script>(.*?)</script>", html, flags=re.DOTALL)
+    return tuple("sha256-" + base64.b64encode(hashlib.sha256(script.encode()).digest()).decode() for script in inline)
+
+
 def _ready_engine(service: _Service) -> Engine:
     if not service.ready:
         raise service.not_ready()
     return service.engine
 
 
-async def _answer(service: _Service, request: Request, endpoint: str, upload: UploadFile, explain: tuple | None
-                  ) -> JSONResponse:
-    """Decode, batch, answer, record: one model request from start to end."""
+async def _answer(service: _Service, request: Request, upload: UploadFile, explain: tuple | None) -> JSONResponse:
+    """Decode, batch, answer: one model request, admitted by the gate with its body in. Its failures go to the error
+    handlers; the gate records the answer with the values gathered here."""
     started = time.perf_counter()
-    request_id = uuid.uuid4().hex
     engine = _ready_engine(service)
-    audit: dict[str, Any] = {"request_id": request_id}
+    audit: dict[str, Any] = request.scope[AUDIT]
     try:
         if explain is not None:
             method, target, options = explain
             if not engine.can_explain:
                 raise ServiceError(501, "not_available", "class activation maps need the PyTorch backend "
-                                   f"(gradients); this service runs {engine.backend}: use /v1/predict")
+                                   f"(gradients); this service runs {engine.backend}: use the predict endpoint")
             method = engine.check_explain(method, target)
             audit["cam_method"] = method
             key = explain_key(method, target)
@@ -586,28 +481,19 @@ async def _answer(service: _Service, request: Request, endpoint: str, upload: Up
         data = await upload.read()
         audit["input_sha256"] = digest = hashlib.sha256(data).hexdigest()
         audit["input_bytes"] = len(data)
-        decoded = await run_in_threadpool(engine.decode, data)
+        decoded = await service.in_worker(engine.decode, data)
         del data
+    finally:
         service.submitted(request.scope)
-        result = await service.batcher.submit(key, decoded, timeout=service.config.timeout_s)
-        prediction = result if explain is None else result.prediction
-        body = await run_in_threadpool(_body, engine, decoded, prediction, digest)
-        if explain is not None:
-            body["explanation"] = await run_in_threadpool(explanation_body, result, options, service.store)
-    except Exception as error:  # noqa: BLE001  mapped to its answer; anything unexpected is re-raised
-        service.submitted(request.scope)
-        try:
-            answer = _error_of(error)
-        except Exception:
-            service.record(endpoint, 500, "internal", started, **audit)
-            raise
-        service.record(endpoint, answer.status, answer.error, started, **audit)
-        return answer.response()
-    body = {"request_id": request_id, "model": engine.identity.to_dict(), **body, "backend": engine.backend,
-            "latency_ms": round((time.perf_counter() - started) * 1000, 3)}
-    service.record(endpoint, 200, "ok", started, label=prediction.label, probabilities=prediction.probabilities,
-                   in_domain=prediction.in_domain, domain_score=prediction.domain_score, **audit)
-    return JSONResponse(body)
+    result = await service.batcher.submit(key, decoded, timeout=service.config.timeout_s)
+    prediction = result if explain is None else result.prediction
+    body = await service.in_worker(_body, engine, decoded, prediction, digest)
+    if explain is not None:
+        body["explanation"] = await service.in_worker(explanation_body, result, options, service.store)
+    audit.update(label=prediction.label, probabilities=prediction.probabilities, in_domain=prediction.in_domain,
+                 domain_score=prediction.domain_score)
+    return JSONResponse({"request_id": audit["request_id"], "model": engine.identity.to_dict(), **body,
+                         "backend": engine.backend, "latency_ms": round((time.perf_counter() - started) * 1000, 3)})
 
 
 def _body(engine: Engine, decoded, prediction, digest: str) -> dict[str, Any]:
@@ -656,11 +542,25 @@ def _version() -> str:
 
 
 def run_server(run_dir: str | Path, config: ServeConfig | None = None, *, log_level: str = "info") -> None:
-    """``medxai serve``: the app on uvicorn until interrupted (loopback unless a token is given)."""
+    """``medxai serve``: the app on uvicorn until interrupted (loopback unless a token is given).
+
+    Raises:
+        ConfigError: exposure without a token, a bad limit, or uvicorn could not start (the port is taken...).
+    """
     import uvicorn
+
+    from medxai.serve.server import tune_malloc, uvicorn_config
 
     config = config or ServeConfig()
     check_exposure(config)
+    if config.malloc_arenas:
+        tune_malloc(config.malloc_arenas)
     app = create_app(run_dir, config)
     logger.info("serving %s on http://%s:%d/ (page at /, API docs at /docs)", run_dir, config.host, config.port)
-    uvicorn.run(app, host=config.host, port=config.port, log_level=log_level, timeout_graceful_shutdown=5)
+    server = uvicorn.Server(uvicorn_config(app, config, log_level=log_level))
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass  # Ctrl-C: uvicorn shut down gracefully (as uvicorn.run does)
+    if not server.started:
+        raise ConfigError(f"the server could not start on {config.host}:{config.port} (see the log above)")

@@ -103,12 +103,15 @@ class Engine:
     # -- per batch, on the batcher's worker thread ---------------------------------------------------------------
     def run_batch(self, key: Hashable, items: list[DecodedInput]) -> Sequence[Any]:
         """Predictions (``PREDICT``) or explanations (:func:`explain_key`) of a batch, one result per item; an
-        item that fails alone gets its error as its result, and the others their results."""
+        item that fails alone gets its error as its result, and the others their results.
+
+        An item's :class:`~medxai.errors.MedxaiError` (an image too small, a shape the model cannot take) is the
+        client's error, returned, never raised: the batcher logs what a batch raises as a failure of the service."""
         try:
             return self._run(key, items)
-        except MedxaiError:
+        except MedxaiError as error:
             if len(items) == 1:
-                raise
+                return [error]
         results: list[Any] = []
         for item in items:  # one bad item must not cost the others their answers
             try:
