@@ -17,6 +17,7 @@ __all__ = [
     "ConfigError",
     "CheckpointError",
     "ModelError",
+    "DistributedError",
 ]
 
 
@@ -64,3 +65,7 @@ class CheckpointError(MedxaiError):
 
 class ModelError(MedxaiError):
     """A model cannot be built as asked (unknown name, missing pretrained weights...)."""
+
+
+class DistributedError(MedxaiError):
+    """A distributed (``torchrun``) job cannot go on: a rank did not join or failed, or the agent is gone."""

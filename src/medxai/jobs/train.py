@@ -89,11 +89,8 @@ def train_run(config: RunConfig, *, resume: bool = False, overwrite: bool = Fals
         ConfigError: a bad option, a run folder that may not be written, or a resume that would change the run.
         DataError: unusable data.
     """
-    job, device_name = distributed.start(config.train.device)
-    try:
+    with distributed.session(config.train.device) as (job, device_name):
         return _train(config, job, device_name, resume=resume, overwrite=overwrite)
-    finally:
-        distributed.stop(job)
 
 
 def _train(config: RunConfig, job: Distributed, device_name: str, *, resume: bool, overwrite: bool) -> Path:
@@ -147,6 +144,7 @@ def _train(config: RunConfig, job: Distributed, device_name: str, *, resume: boo
     card = _new_card(model, config, source, positive, plan)
     if job.is_main:
         run.write_card(card)
+    job.barrier()  # rank 0's data check and writes (minutes on a large set) are done before DDP's first collective
     context = BatchContext(
         Preprocessor(config.preprocess), device, config.train.batch_size, config.train.amp, config.train.channels_last
     )
