@@ -202,6 +202,7 @@ def read_dicom_dataset(path: str | Path, data: bytes | None = None, *, stop_befo
         raise InvalidImageError(path, "unreadable DICOM data: no data elements")
     if inflated is not None:
         dataset.file_meta = inflated.file_meta
+        _check_header_complete(path, dataset, stop_before_pixels and len(inflated.getbuffer()) >= HEADER_BYTES)
     _infer_transfer_syntax(dataset)
     return dataset
 
@@ -310,9 +311,16 @@ def read_dicom(
             raise InvalidImageError(path, f"invalid DICOM image attributes ({type(error).__name__})") from None
 
 
-def probe_dicom(path: str | Path, data: bytes | None = None, *, limits: ReadLimits | None = None) -> dict[str, Any]:
+def probe_dicom(path: str | Path, data: bytes | None = None, *, limits: ReadLimits | None = None,
+                prefix: bool = False) -> dict[str, Any]:
     """The stored size and photometric interpretation from the header only (no pixel decoding), checked as a read
     would check them.
+
+    Args:
+        path: the file (named in errors; read unless ``data`` is given).
+        data: the file's bytes, or (``prefix``) its first :data:`HEADER_BYTES` bytes.
+        limits: see :class:`~medxai.data.readers.limits.ReadLimits`.
+        prefix: ``data`` may be cut short of the whole file (the start of an inflated ``.dcm.gz``).
 
     Returns:
         ``{"format": "DICOM", "mode", "original_size": [W, H], "frames", "decoded_bytes"}``: ``mode`` is the
@@ -325,6 +333,7 @@ def probe_dicom(path: str | Path, data: bytes | None = None, *, limits: ReadLimi
     """
     limits = resolve(limits)
     dataset = read_dicom_dataset(path, data, stop_before_pixels=True, limits=limits)
+    _check_header_complete(path, dataset, prefix and data is not None and len(data) >= HEADER_BYTES)
     with quiet_pydicom(path):
         try:
             geometry = _geometry(path, dataset, limits)
@@ -340,6 +349,13 @@ def probe_dicom(path: str | Path, data: bytes | None = None, *, limits: ReadLimi
         decoded += geometry.frame_bytes * geometry.frames
     return {"format": "DICOM", "mode": mode, "original_size": [geometry.columns, geometry.rows],
             "frames": geometry.frames, "decoded_bytes": decoded}
+
+
+def _check_header_complete(path: str | Path, dataset: Any, cut: bool) -> None:
+    """A header read from the first :data:`HEADER_BYTES` inflated bytes must hold the image attributes."""
+    if cut and "Rows" not in dataset:
+        raise InvalidImageError(path, f"DICOM header beyond the first {HEADER_BYTES} bytes of compressed data: "
+                                      "not supported")
 
 
 def _is_deflated(dataset: Any) -> bool:
@@ -504,7 +520,7 @@ def _geometry(path: str | Path, dataset: Any, limits: ReadLimits) -> _Geometry:
     bits = _header_integer(path, dataset, "BitsAllocated", 1, 64)
     if bits != 1 and bits % 8:
         raise InvalidImageError(path, "DICOM BitsAllocated must be 1 or a multiple of 8")
-    if "PixelData" in dataset:  # integer values; float pixel data has neither attribute
+    if not _holds_float_pixels(dataset):  # integer values; float pixel data has neither attribute
         _header_integer(path, dataset, "BitsStored", 1, bits)
         _header_integer(path, dataset, "PixelRepresentation", 0, 1)
     if samples > 1:
@@ -514,6 +530,16 @@ def _geometry(path: str | Path, dataset: Any, limits: ReadLimits) -> _Geometry:
     geometry = _Geometry(rows, columns, frames, samples, bits)
     check_decoded_bytes(path, geometry.decoded_bytes, "decoding one DICOM frame", limits)
     return geometry
+
+
+def _holds_float_pixels(dataset: Any) -> bool:
+    """Float or Double Float Pixel Data, or (header alone, pixel data not read) a Parametric Map, which holds them."""
+    if any(keyword in dataset for keyword in _PIXEL_KEYWORDS[1:]):
+        return True
+    return "PixelData" not in dataset and str(dataset.get("SOPClassUID", "")) == _PARAMETRIC_MAP
+
+
+_PARAMETRIC_MAP = "1.2.840.10008.5.1.4.1.1.30"
 
 
 def _header_integer(path: str | Path, dataset: Any, keyword: str, low: int, high: int,

@@ -266,7 +266,7 @@ def _probe(name: str, data: bytes | None, head: bytes, limits: ReadLimits, *, fi
             return probe_nifti(name, inner, limits=limits)
         if looks_like_dicom(inner):
             # the header from the first inflated bytes; the whole file's size from the gzip trailer
-            info = probe_dicom(name, peek_gzip(name, DICOM_HEADER_BYTES, data), limits=limits)
+            info = probe_dicom(name, peek_gzip(name, DICOM_HEADER_BYTES, data), limits=limits, prefix=True)
             decoded = info["decoded_bytes"] + gzip_claimed_size(name, data)
             check_decoded_bytes(name, decoded, "inflating and decoding a gzip-compressed DICOM file", limits)
             return {**info, "decoded_bytes": decoded}
