@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 from medxai.classifier import Classifier, Explanation, Prediction
 from medxai.config import ExplainConfig, InferenceConfig
 from medxai.data.dicom_sc import is_dicom_file, write_secondary_capture
-from medxai.errors import ConfigError, InvalidImageError
+from medxai.data.readers import unexpected_error_reason
+from medxai.errors import ConfigError, InvalidImageError, MedxaiError
 from medxai.explain import save_overlay
 from medxai.explain.overlay import OUT_OF_DOMAIN_BANNER
 from medxai.explain.tta import parse_tta
@@ -332,18 +333,33 @@ def _stream(names: InputNames, files: Sequence[InputFile], function: Callable[[l
 
 
 def one_by_one_on_failure(function: Callable[[list], list], items: list) -> tuple[list, list[tuple[Any, Exception]]]:
-    """``function(items)``; if an item cannot be read (:class:`InvalidImageError`), each item alone, so that one
-    broken file costs nothing else. Returns the results and the ``(item, error)`` of the items that failed."""
+    """``function(items)``; if it fails, each item alone, so that one broken file costs nothing else. Returns the
+    results and the ``(item, error)`` of the items that failed alone, each error an :class:`InvalidImageError`.
+
+    An item's :class:`InvalidImageError` is its reason; any other exception (a decoder's or a preprocessing step's
+    that nobody anticipated, memory exhaustion included) costs that item only too, as ``unreadable (Type: ...)``.
+    Interrupts (``KeyboardInterrupt``, ``SystemExit``) and errors medxai raises about the job itself (a bad option)
+    stop the job.
+    """
     try:
         return function(items), []
     except InvalidImageError:
-        results, failures = [], []
-        for item in items:
-            try:
-                results.extend(function([item]))
-            except InvalidImageError as error:
-                failures.append((item, error))
-        return results, failures
+        pass
+    except MedxaiError:
+        raise
+    except Exception as error:  # noqa: BLE001 - retried item by item below, where it costs one item
+        logger.debug("a batch of %d failed (%s); retrying its items one by one", len(items), type(error).__name__)
+    results, failures = [], []
+    for item in items:
+        try:
+            results.extend(function([item]))
+        except InvalidImageError as error:
+            failures.append((item, error))
+        except MedxaiError:
+            raise
+        except Exception as error:  # noqa: BLE001 - the backstop: see the docstring
+            failures.append((item, InvalidImageError("input", unexpected_error_reason(error))))
+    return results, failures
 
 
 def _writer_threads() -> int:
