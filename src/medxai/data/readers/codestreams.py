@@ -12,6 +12,10 @@ stream's structure from its first byte, as a decoder would, never by searching f
 - **RLE** (DICOM PS3.5 G.3.1): the 64-byte header of segment count (1-15) and offsets, which must start at 64,
   increase and stay inside the fragment.
 
+A JPEG or JPEG 2000 stream must also end with its end marker (EOI, EOC: both ``FFD9``), padding aside
+(:func:`check_end_marker`): decoders fill a cut stream with grey and report success, and a cut image is not one to
+classify.
+
 Every function raises :class:`CodestreamError` with a reason in words when the structure is not what the standard
 says; callers refuse such a stream rather than decode it blind.
 """
@@ -21,7 +25,14 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-__all__ = ["CodestreamError", "FrameHeader", "jpeg_frame_header", "j2k_frame_header", "rle_segment_offsets"]
+__all__ = [
+    "CodestreamError",
+    "FrameHeader",
+    "check_end_marker",
+    "jpeg_frame_header",
+    "j2k_frame_header",
+    "rle_segment_offsets",
+]
 
 _SOI, _EOI, _SOS = 0xD8, 0xD9, 0xDA
 _SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7})
@@ -147,6 +158,17 @@ def _jp2_codestream(stream: bytes) -> bytes:
             return stream[position + header : position + length]
         position += length
     raise CodestreamError("JP2 file without a contiguous codestream box (jp2c)")
+
+
+def check_end_marker(stream: bytes) -> None:
+    """Refuse a JPEG or JPEG 2000 stream that does not end with ``FFD9`` (EOI / EOC), once the padding that DICOM
+    fragments and some writers add (``00`` or ``FF`` bytes) is set aside.
+
+    Raises:
+        CodestreamError: the stream was cut short.
+    """
+    if not stream.rstrip(b"\x00\xff").endswith(b"\xff\xd9"):
+        raise CodestreamError("the stream does not end with its end-of-image marker: truncated")
 
 
 def rle_segment_offsets(fragment: bytes) -> list[int]:

@@ -48,6 +48,7 @@ from medxai.data.readers._reasons import error_text
 from medxai.data.readers.codestreams import (
     CodestreamError,
     FrameHeader,
+    check_end_marker,
     j2k_frame_header,
     jpeg_frame_header,
     rle_segment_offsets,
@@ -61,7 +62,7 @@ from medxai.data.readers.limits import (
     inflate_limited,
     resolve,
 )
-from medxai.errors import ConfigError, InvalidImageError, UnsupportedDicomError
+from medxai.errors import ConfigError, ImageTooLargeError, InvalidImageError, UnsupportedDicomError
 
 __all__ = [
     "looks_like_dicom",
@@ -354,8 +355,8 @@ def probe_dicom(path: str | Path, data: bytes | None = None, *, limits: ReadLimi
 def _check_header_complete(path: str | Path, dataset: Any, cut: bool) -> None:
     """A header read from the first :data:`HEADER_BYTES` inflated bytes must hold the image attributes."""
     if cut and "Rows" not in dataset:
-        raise InvalidImageError(path, f"DICOM header beyond the first {HEADER_BYTES} bytes of compressed data: "
-                                      "not supported")
+        raise ImageTooLargeError(path, f"DICOM header larger than the {HEADER_BYTES} bytes read of compressed data "
+                                       "(its image attributes lie beyond): not supported")
 
 
 def _is_deflated(dataset: Any) -> bool:
@@ -785,6 +786,7 @@ def _check_pixel_data(path: str | Path, dataset: Any, index: int, geometry: _Geo
             raise UnsupportedDicomError(path, f"compressed pixel data in {_transfer_syntax_name(dataset)} cannot be "
                                               "checked before decoding: not supported")
         header = parse(fragment)
+        check_end_marker(fragment)
     except CodestreamError as error:
         raise InvalidImageError(path, f"compressed frame cannot be read: {error}") from None
     _check_frame_header(path, header, geometry, limits)

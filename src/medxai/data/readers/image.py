@@ -277,7 +277,7 @@ def _probe(name: str, data: bytes | None, head: bytes, limits: ReadLimits, *, fi
         return probe_nifti(name, head, limits=limits, file_size=file_size)
     if looks_like_nifti_pair(head):
         raise InvalidImageError(name, "NIfTI .hdr/.img pairs are not supported; convert to a single .nii file")
-    with _pillow_errors(name), _open_with_pillow(name, data) as image:
+    with _pillow_errors(name, limits), _open_with_pillow(name, data) as image:
         _check_pixels(name, image, limits)
         return {"format": image.format, "mode": image.mode, "original_size": [image.width, image.height],
                 "decoded_bytes": _pillow_decoded_bytes(image)}
@@ -307,13 +307,15 @@ def _open_with_pillow(name: str, data: bytes | None) -> Image.Image:
 
 
 @contextlib.contextmanager
-def _pillow_errors(name: str) -> Iterator[None]:
+def _pillow_errors(name: str, limits: ReadLimits) -> Iterator[None]:
     try:
         yield
     except InvalidImageError:
         raise
-    except Image.DecompressionBombError as error:
-        raise ImageTooLargeError(name, _decompression_bomb_reason(str(error))) from None
+    except Image.DecompressionBombError as error:  # Pillow's own check, at twice its MAX_IMAGE_PIXELS
+        reason = f"image too large, possible decompression bomb ({error_text(str(error)).rstrip('.')}); raise " \
+                 f"{limits.pixels_setting} if you trust this file"
+        raise ImageTooLargeError(name, reason) from None
     except UnidentifiedImageError:
         raise InvalidImageError(name, "not a recognised image format") from None
     except PermissionError:
@@ -327,7 +329,7 @@ def _pillow_errors(name: str) -> Iterator[None]:
 
 
 def _read_with_pillow(name: str, data: bytes | None, limits: ReadLimits) -> tuple[np.ndarray, dict[str, Any]]:
-    with _pillow_errors(name), _open_with_pillow(name, data) as image:
+    with _pillow_errors(name, limits), _open_with_pillow(name, data) as image:
         _check_pixels(name, image, limits)
         image.load()
         info = {"format": image.format, "mode": image.mode, "original_size": [image.width, image.height]}
@@ -348,13 +350,6 @@ def _pillow_decoded_bytes(image: Image.Image) -> int:
     held = _PILLOW_BYTES.get(image.mode, 4)
     converted = 4 if image.mode in _CONVERTED_MODES else 0
     return image.width * image.height * (held + 4 + converted)
-
-
-def _decompression_bomb_reason(detail: str) -> str:
-    return (
-        f"image too large, possible decompression bomb ({detail.rstrip('.')}); PIL.Image.MAX_IMAGE_PIXELS = "
-        f"{Image.MAX_IMAGE_PIXELS}; raise that limit if you trust this file"
-    )
 
 
 def _apply_exif_orientation(image: Image.Image, name: str) -> Image.Image:
