@@ -30,6 +30,7 @@ from medxai.data.readers import ReadLimits, probe_image_bytes, read_image_bytes
 from medxai.errors import ConfigError, MedxaiError
 from medxai.explain import CAM_METHODS, get_cam_method
 from medxai.run_folder import RunFolder
+from medxai.serve.allocator import fix_mmap_threshold
 
 __all__ = ["PREDICT", "UPLOAD_NAME", "DecodeBudget", "Engine", "ModelIdentity", "explain_key", "upload_limits"]
 
@@ -135,6 +136,7 @@ class Engine:
     def load(cls, run_dir: str | Path, config: ServeConfig) -> Engine:
         """Load the run's best checkpoint on ``config.device`` with ``config.backend``; batches of up to
         ``config.max_batch``; uploads decoded within ``config``'s limits and budget."""
+        fix_mmap_threshold()  # decode buffers go back to the system, whichever thread freed them
         run = RunFolder(run_dir)
         classifier = Classifier.from_run(run.path, device=config.device, batch_size=config.max_batch,
                                          backend=config.backend)
