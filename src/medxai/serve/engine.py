@@ -118,19 +118,17 @@ class Engine:
     Args:
         classifier: the run's classifier.
         identity: what answers.
-        limits: the readers' limits for one upload (default: those of a default :class:`ServeConfig`).
-        budget: bounds the decodes running at once (default: that of a default :class:`ServeConfig`).
-        wait_s: how long a decode may wait for the budget.
+        config: the service's settings, for decoding: the upload limits (:func:`upload_limits`), the decode budget
+            and how long a decode may wait for it (``timeout_s``); a default :class:`ServeConfig` when None.
     """
 
-    def __init__(self, classifier: Classifier, identity: ModelIdentity, *, limits: ReadLimits | None = None,
-                 budget: DecodeBudget | None = None, wait_s: float | None = None) -> None:
-        defaults = ServeConfig()
+    def __init__(self, classifier: Classifier, identity: ModelIdentity, config: ServeConfig | None = None) -> None:
+        config = config or ServeConfig()
         self.classifier = classifier
         self.identity = identity
-        self.limits = limits or upload_limits(defaults)
-        self.budget = budget or DecodeBudget(defaults.max_decodes, int(defaults.decode_budget_mb * _MB))
-        self.wait_s = defaults.timeout_s if wait_s is None else wait_s
+        self.limits = upload_limits(config)
+        self.budget = DecodeBudget(config.max_decodes, int(config.decode_budget_mb * _MB))
+        self.wait_s = config.timeout_s
 
     @classmethod
     def load(cls, run_dir: str | Path, config: ServeConfig) -> Engine:
@@ -143,9 +141,7 @@ class Engine:
         if config.channels_last:
             classifier.use_channels_last()
         identity = ModelIdentity(run.path.name, _weights_version(run), classifier.card.medxai_version)
-        return cls(classifier, identity, limits=upload_limits(config),
-                   budget=DecodeBudget(config.max_decodes, int(config.decode_budget_mb * _MB)),
-                   wait_s=config.timeout_s)
+        return cls(classifier, identity, config)
 
     @property
     def backend(self) -> str:

@@ -21,8 +21,12 @@ converted to RGB, PALETTE COLOR through its lookup table) come out as ``(H, W, 3
 than 8 bits). A multi-frame object gives one frame: the middle one by default (``frame=`` chooses).
 
 Rejected with :class:`~medxai.errors.UnsupportedDicomError`: objects without pixel data (structured reports,
-waveforms, presentation states, DICOMDIRs...), segmentations, unsupported photometric interpretations. Sizes are checked
-against :mod:`medxai.data.readers.limits` before anything is decoded, including the size a JPEG or JPEG 2000 codestream claims.
+waveforms, presentation states, DICOMDIRs...), segmentations, unsupported photometric interpretations. Before anything
+is decoded, the image attributes that size the pixel data (Rows, Columns, NumberOfFrames, SamplesPerPixel,
+BitsAllocated, BitsStored, PixelRepresentation, PlanarConfiguration) are checked to be present, numbers and in range,
+the sizes they imply against :class:`~medxai.data.readers.limits.ReadLimits`, native pixel data against its length,
+and a compressed frame's own header (:mod:`medxai.data.readers.codestreams`) against the DICOM header and the limits.
+A deflated data set is inflated within the limit on decoded bytes.
 
 No patient data leaves this module: the info dict holds only technical facts (modality, photometric interpretation,
 transfer syntax, frame, window), pydicom's warnings (which may quote element values) are swallowed and only counted,
