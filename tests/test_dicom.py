@@ -9,6 +9,7 @@ import gzip
 import io
 import logging
 import shutil
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,10 +21,12 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, p
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from medxai.data import read_image
+from medxai.data.readers import limits as _limits
+from medxai.data.readers import probe_image, read_image_bytes
 from medxai.data.readers.image import read_image_with_info
 from medxai.data.dicom_sc import is_dicom_file, write_secondary_capture
 from medxai.data.sources import ImageFolderSource, ManifestSource
-from medxai.errors import ConfigError, InvalidImageError, UnsupportedDicomError
+from medxai.errors import ConfigError, ImageTooLargeError, InvalidImageError, UnsupportedDicomError
 
 MR_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 PYDICOM_TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
@@ -364,6 +367,114 @@ def test_synthetic_report_waveform_and_imageless_objects_are_rejected(tmp_path):
         path = make_dicom(tmp_path / f"{index}.dcm", None, sop_class=sop_class)
         with pytest.raises(UnsupportedDicomError, match=message):
             read_image(path)
+
+
+# -- hostile headers (issue 17) ------------------------------------------------------------------------------------
+CRAFTED = "SMITHJOHN1970"  # a patient's name where a number belongs: never repeated in a reason
+
+
+def with_element(path: Path, keyword: str, value, vr: str | None = None) -> Path:
+    """``path`` with one element set (``vr`` forces another value representation, e.g. text where a number
+    belongs), or removed when ``value`` is None."""
+    from pydicom.datadict import tag_for_keyword
+    from pydicom.dataelem import DataElement
+
+    ds = pydicom.dcmread(path)
+    tag = tag_for_keyword(keyword)
+    if value is None:
+        del ds[tag]
+    elif vr is None:
+        setattr(ds, keyword, value)
+    else:
+        ds[tag] = DataElement(tag, vr, value)
+    ds.save_as(path)
+    return path
+
+
+# keyword, value, forced VR, reason; on an 8 x 8 uint16 MONOCHROME2 file.
+DAMAGED_ATTRIBUTES = [
+    ("Rows", CRAFTED, "LO", "DICOM Rows is not a number"),
+    ("Rows", -8, "SS", "DICOM Rows is out of range"),
+    ("Rows", None, None, "DICOM image without Rows"),
+    ("Rows", 0, None, "no pixels"),
+    ("Columns", "8.5", "DS", "DICOM Columns is out of range"),
+    ("Columns", float("nan"), "FD", "DICOM Columns is not a number"),
+    ("NumberOfFrames", CRAFTED, "LO", "DICOM NumberOfFrames is not a number"),
+    ("NumberOfFrames", "0", "IS", "DICOM NumberOfFrames is out of range"),
+    ("NumberOfFrames", "-3", "IS", "DICOM NumberOfFrames is out of range"),
+    ("NumberOfFrames", "1000000000", "IS", "MAX_VOLUME_VOXELS"),
+    ("NumberOfFrames", "4", "IS", "truncated DICOM pixel data: 128 of 512 bytes"),
+    ("SamplesPerPixel", 2, None, "DICOM SamplesPerPixel must be 1 or 3"),
+    ("SamplesPerPixel", 0, None, "DICOM SamplesPerPixel is out of range"),
+    ("SamplesPerPixel", 300, None, "DICOM SamplesPerPixel is out of range"),
+    ("BitsAllocated", None, None, "DICOM image without BitsAllocated"),
+    ("BitsAllocated", 0, None, "DICOM BitsAllocated is out of range"),
+    ("BitsAllocated", 12, None, "DICOM BitsAllocated must be 1 or a multiple of 8"),
+    ("BitsAllocated", 65535, None, "DICOM BitsAllocated is out of range"),
+    ("BitsStored", None, None, "DICOM image without BitsStored"),
+    ("BitsStored", 0, None, "DICOM BitsStored is out of range"),
+    ("BitsStored", 17, None, "DICOM BitsStored is out of range"),
+    ("PixelRepresentation", 2, None, "DICOM PixelRepresentation is out of range"),
+    ("PixelRepresentation", CRAFTED, "LO", "DICOM PixelRepresentation is not a number"),
+    ("PhotometricInterpretation", CRAFTED, None, "unknown photometric interpretation is not supported"),
+]
+
+
+@pytest.mark.parametrize("keyword, value, vr, reason", DAMAGED_ATTRIBUTES,
+                         ids=[f"{row[0]}={row[1]}" for row in DAMAGED_ATTRIBUTES])
+def test_absurd_image_attributes_get_a_clear_reason_before_decoding(keyword, value, vr, reason, tmp_path):
+    path = with_element(make_dicom(tmp_path / "bad.dcm", np.zeros((8, 8), np.uint16)), keyword, value, vr)
+    reads = [lambda: read_image(path), lambda: read_image_bytes(path.read_bytes(), name="upload")]
+    if keyword != "PhotometricInterpretation" and "truncated" not in reason:  # the probe reads the header alone
+        reads.append(lambda: probe_image(path))
+    for read in reads:
+        with pytest.raises(InvalidImageError, match=reason) as caught:
+            read()
+        assert CRAFTED not in caught.value.reason
+
+
+def test_planar_configuration_of_a_colour_image_is_checked(tmp_path):
+    path = make_dicom(tmp_path / "rgb.dcm", np.zeros((8, 8, 3), np.uint8), photometric="RGB")
+    with pytest.raises(InvalidImageError, match="DICOM PlanarConfiguration is out of range"):
+        read_image(with_element(path, "PlanarConfiguration", 5))
+
+
+def test_a_deflated_data_set_is_inflated_within_the_limit(tmp_path, monkeypatch):
+    """Deflated Explicit VR Little Endian: pydicom alone inflates the whole data set, however large."""
+    path = make_dicom(tmp_path / "plain.dcm", np.arange(64, dtype=np.uint16).reshape(8, 8))
+    ds = pydicom.dcmread(path)
+    ds.add_new(0x00091010, "OB", bytes(8_000_000))  # 8 MB of zeros: a few kB deflated
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+    ds.save_as(tmp_path / "deflated.dcm", enforce_file_format=True)
+    assert (tmp_path / "deflated.dcm").stat().st_size < 20_000
+    np.testing.assert_array_equal(read_image(tmp_path / "deflated.dcm"), read_image(path))
+    monkeypatch.setattr(_limits, "MAX_DECOMPRESSED_BYTES", 1_000_000)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImageTooLargeError, match="deflate content inflates past 1000000 bytes"):
+            read_image(tmp_path / "deflated.dcm")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3_000_000, peak
+
+
+def test_an_upload_is_decoded_from_memory_and_logged_by_its_name(tmp_path, monkeypatch):
+    """Issue 17, defect 5: no temporary file, so no temporary path in any log line or message."""
+    import tempfile
+
+    def no_temporary_files(*args, **kwargs):
+        raise AssertionError("a temporary file was made for an upload")
+
+    for name in ("TemporaryDirectory", "NamedTemporaryFile", "mkdtemp", "mkstemp"):
+        monkeypatch.setattr(tempfile, name, no_temporary_files)
+    stored = np.arange(64, dtype=np.uint16).reshape(8, 8)
+    data = make_dicom(tmp_path / "m1.dcm", stored, photometric="MONOCHROME1").read_bytes()
+    with collect_logs(logging.DEBUG) as logs:
+        image, info = read_image_bytes(data, name="upload")
+    assert info["inverted"] and image.shape == (8, 8)
+    assert "upload: MONOCHROME1" in logs.text and tempfile.gettempdir() not in logs.text, logs.text
+    assert "medxai-upload" not in logs.text
 
 
 # -- DICOM datasets ------------------------------------------------------------------------------------------------

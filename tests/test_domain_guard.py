@@ -92,8 +92,17 @@ def test_input_checks_flag_other_kinds_of_image_and_nothing_unknown():
     profile = _profile(modalities=["CR", "DX"], body_parts=["CHEST"])
     assert profile.reasons(_facts()) == []
     assert profile.reasons(_facts(modality="", body_part="")) == []  # what a header does not say is not held
-    assert "DICOM Modality MR" in profile.reasons(_facts(modality="MR"))[0]
-    assert "BodyPartExamined EXTREMITY" in profile.reasons(_facts(modality="CR", body_part="EXTREMITY"))[0]
+    assert profile.reasons(_facts(modality="MR")) == ["modality MR not among those trained on (CR, DX)"]
+    assert profile.reasons(_facts(modality="CR", body_part="EXTREMITY")) == [
+        "body part EXTREMITY not among those trained on (CHEST)"]
+    # A header value that is no defined term (a crafted file put a name there) is never repeated.
+    crafted = profile.reasons(_facts(modality="SMITHJOHN1970", body_part="SMITHJOHN1970", photometric="SMITH"))
+    assert crafted[:2] == ["unexpected modality (not among those trained on: CR, DX)",
+                           "unexpected body part (not among those trained on: CHEST)"]
+    assert not any("SMITH" in reason for reason in crafted)
+    declared = _profile(body_parts=["CHEST", "SMITHJOHN"])  # nor a training value that is no defined term
+    assert declared.reasons(_facts(body_part="HEAD")) == [
+        "body part HEAD not among those trained on (CHEST, 1 other value(s))"]
     assert "colour image" in profile.reasons(_facts(colourfulness=0.3))[0]
     assert "aspect ratio" in profile.reasons(_facts(height=28, width=200))[0]  # 0.14 < (28/41) / 2
     assert profile.reasons(_facts(height=28, width=80)) == []  # 0.35 is within a factor 2 of the training 0.68

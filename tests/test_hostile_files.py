@@ -172,6 +172,102 @@ def test_sixteen_bit_png_and_tiff_keep_their_dynamic_range(tmp_path):
         assert len(np.unique(image)) > 256  # more levels than 8 bits could hold
 
 
+# -- compressed frame headers (issue 17, defect 2) ----------------------------------------------------------------
+def _with_app_segments(jpeg: bytes, count: int, size: int = 65535) -> bytes:
+    """``count`` APP1 segments of ``size`` bytes (the most a segment holds) right after SOI, pushing SOF back."""
+    app1 = b"\xff\xe1" + struct.pack(">H", size) + bytes(size - 2)
+    return jpeg[:2] + app1 * count + jpeg[2:]
+
+
+def _claiming(jpeg: bytes, width: int, height: int) -> bytes:
+    """The JPEG with its (baseline) SOF patched to claim ``width`` x ``height``."""
+    at = jpeg.index(b"\xff\xc0")
+    return jpeg[: at + 5] + struct.pack(">HH", height, width) + jpeg[at + 9 :]
+
+
+def test_a_frame_header_behind_two_64_kib_segments_is_still_checked(tmp_path, monkeypatch):
+    """Issue 17, defect 2: the SOF was looked for in the first 64 KiB only, so the file was decoded blind."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
+    small = _jpeg_bytes(_gradient((20, 20)))
+    for name, stream in (("early", _claiming(small, 300, 400)),
+                         ("late", _with_app_segments(_claiming(small, 300, 400), 2))):
+        path = _encapsulated(tmp_path, f"{name}.dcm", stream, pydicom.uid.JPEGBaseline8Bit, 20, 20)
+        with pytest.raises(ImageTooLargeError, match="300x400 = 120000 pixels exceeds"):
+            read_image(path)
+
+
+def test_frame_headers_are_found_by_walking_each_stream_to_its_end():
+    from medxai.data.readers.codestreams import CodestreamError, FrameHeader, jpeg_frame_header
+
+    jpeg = _jpeg_bytes(_gradient((40, 30)))
+    expected = FrameHeader(width=30, height=40, components=1, precision=8)
+    assert jpeg_frame_header(jpeg) == expected
+    assert jpeg_frame_header(_with_app_segments(jpeg, 3)) == expected
+    sof = jpeg.index(b"\xff\xc0")
+    assert jpeg_frame_header(jpeg[:sof] + b"\xff\xff\xff" + jpeg[sof:]) == expected  # fill bytes before a marker
+    without_sof = jpeg[:sof] + jpeg[sof + 2 + struct.unpack(">H", jpeg[sof + 2 : sof + 4])[0] :]
+    for stream, reason in [
+        (without_sof, "reaches its scan .SOS. without a frame header"),
+        (b"\x00" + jpeg[1:], "without its start-of-image marker"),
+        (jpeg[:sof], "ends before its frame header"),
+        (jpeg[: sof + 5], "with a bad or cut length"),
+        (jpeg[:sof] + b"\x00" + jpeg[sof:], "no marker at byte"),
+        (jpeg[:2] + b"\xff\xe1\x00\x01" + jpeg[2:], "bad or cut length .1."),
+        (_claiming(jpeg, 30, 0), "no height"),
+    ]:
+        with pytest.raises(CodestreamError, match=reason):
+            jpeg_frame_header(stream)
+
+
+def _j2k_codestream() -> bytes:
+    from pydicom.encaps import generate_frames
+
+    ds = pydicom.dcmread(PYDICOM_TEST_FILES / "MR_small_jp2klossless.dcm")
+    return next(generate_frames(ds.PixelData, number_of_frames=1))
+
+
+def test_jpeg_2000_size_comes_from_the_siz_right_after_soc():
+    from medxai.data.readers.codestreams import CodestreamError, FrameHeader, j2k_frame_header
+
+    if not (PYDICOM_TEST_FILES / "MR_small_jp2klossless.dcm").is_file():
+        pytest.skip("pydicom test file MR_small_jp2klossless.dcm not installed")
+    stream = _j2k_codestream()
+    expected = FrameHeader(width=64, height=64, components=1, precision=16)
+    assert j2k_frame_header(stream) == expected
+    jp2 = (b"\x00\x00\x00\x0cjP  \r\n\x87\n" + struct.pack(">I4s", 20, b"ftyp") + b"jp2 \x00\x00\x00\x00jp2 "
+           + struct.pack(">I4s", 8 + len(stream), b"jp2c") + stream)
+    assert j2k_frame_header(jp2) == expected
+    comment = b"\xff\x64\x00\x06\x00\x01ab"
+    siz_length = struct.unpack(">H", stream[4:6])[0]
+    for damaged, reason in [
+        (stream[:2] + comment + stream[2:], "SIZ. does not follow SOC"),  # a fake SIZ later never counts
+        (stream[:20], "bad or cut length"),
+        (stream[:40] + b"\x00\x00" + stream[42:], "0 components"),
+        (stream[:8] + struct.pack(">I", 0) + stream[12:], "empty image or tile area"),
+        (b"\xff\xd8" + stream[2:], "without its start-of-codestream marker"),
+        (jp2.replace(b"jp2c", b"jp2x"), "without a contiguous codestream box"),
+    ]:
+        with pytest.raises(CodestreamError, match=reason):
+            j2k_frame_header(damaged)
+    assert siz_length == 41  # one component
+
+
+def test_rle_segment_tables_are_checked_against_the_fragment():
+    from medxai.data.readers.codestreams import CodestreamError, rle_segment_offsets
+
+    header = struct.pack("<16I", 2, 64, 100, *([0] * 13))
+    assert rle_segment_offsets(header + bytes(100)) == [64, 100]
+    for table, size, reason in [
+        ((0, 64), 100, "0 segments"), ((16, 64), 100, "16 segments"), ((2, 80, 100), 200, "does not start right"),
+        ((2, 64, 64), 200, "do not increase"), ((2, 64, 500), 200, "do not increase"),
+    ]:
+        fragment = struct.pack(f"<{len(table)}I", *table) + bytes(64 - 4 * len(table)) + bytes(size - 64)
+        with pytest.raises(CodestreamError, match=reason):
+            rle_segment_offsets(fragment)
+    with pytest.raises(CodestreamError, match="shorter than its 64-byte header"):
+        rle_segment_offsets(header[:40])
+
+
 # -- fuzzing -------------------------------------------------------------------------------------------------------
 def _fuzz_seeds() -> dict[str, bytes]:
     rng = np.random.default_rng(0)
@@ -299,6 +395,70 @@ def test_predict_and_explain_list_every_hostile_file_in_skipped_csv(tiny_run, tm
     assert main(["explain", str(tiny_run), str(inputs), "--out", str(tmp_path / "e"), "--json"]) == 0
     explained, skipped = _accounting(tmp_path / "e", capsys)
     assert explained + len(skipped) == len(files) and explained == 2
+
+
+def test_an_exception_no_reader_anticipated_costs_that_file_only(tiny_run, tmp_path, monkeypatch, capsys):
+    """Issue 17, defect 1: a ValueError from a reader aborted `medxai predict`, losing every other file's result.
+    The issue's NIfTI header (vox_offset NaN) and a reader failing in an unforeseen way, among good files."""
+    from medxai.data.readers import nifti
+    from test_nifti import nifti_bytes, the_issues_header
+
+    real_native_slice = nifti.native_slice
+
+    def failing_for_one_file(path, plane):
+        if str(path).endswith("unforeseen.nii"):
+            raise ValueError("unforeseen at /srv/secret/volumes/unforeseen.nii")
+        return real_native_slice(path, plane)
+
+    monkeypatch.setattr(nifti, "native_slice", failing_for_one_file)
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for index in range(3):
+        Image.fromarray(_gradient((40 + index, 40))).save(inputs / f"good{index}.png")
+    (inputs / "good.nii").write_bytes(nifti_bytes())
+    (inputs / "nan.nii").write_bytes(the_issues_header())
+    (inputs / "unforeseen.nii").write_bytes(nifti_bytes())
+    assert main(["predict", str(tiny_run), str(inputs), "--out", str(tmp_path / "p"), "--json"]) == 0
+    predicted, skipped = _accounting(tmp_path / "p", capsys)
+    assert predicted == 4 and len(skipped) == 2  # files in = results + skipped
+    reasons = {Path(row["file"]).name: row["reason"] for row in skipped}
+    assert reasons["nan.nii"] == "NIfTI header is damaged: vox_offset nan (not a whole number of bytes)"
+    assert reasons["unforeseen.nii"] == "unreadable (ValueError: unforeseen at <path>)"
+
+
+def test_an_images_unforeseen_preprocessing_error_costs_it_alone_and_a_broken_model_stops_the_job(
+        tiny_run, tmp_path, monkeypatch, capsys):
+    """The classifier makes an image's own unforeseen error (in its preprocessing) that image's skip; an error of the
+    whole batch (the network) is nobody's file and stops the job instead of skipping every input in its name."""
+    from medxai.classifier import Classifier
+    from medxai.data.preprocess import Preprocessor
+
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for index in range(3):
+        Image.fromarray(_gradient((40 + index, 40))).save(inputs / f"good{index}.png")
+    Image.fromarray(_gradient((41, 43))).save(inputs / "odd.png")
+    real_prepare = Preprocessor.prepare
+
+    def failing_for_one_shape(self, image, name="<array>"):
+        if image.shape[:2] == (41, 43):
+            raise RuntimeError("tensor shape mismatch in /opt/medxai/preprocess.py")
+        return real_prepare(self, image, name=name)
+
+    monkeypatch.setattr(Preprocessor, "prepare", failing_for_one_shape)
+    assert main(["predict", str(tiny_run), str(inputs), "--out", str(tmp_path / "p"), "--json"]) == 0
+    predicted, skipped = _accounting(tmp_path / "p", capsys)
+    assert predicted == 3 and [(Path(row["file"]).name, row["reason"]) for row in skipped] == [
+        ("odd.png", "unreadable (RuntimeError: tensor shape mismatch in <path>)")]
+
+    def broken_network(self, batch):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(Classifier, "_forward", broken_network)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        main(["predict", str(tiny_run), str(inputs), "--out", str(tmp_path / "q")])
+    skipped_rows = list(csv.DictReader((tmp_path / "q" / "skipped.csv").open()))
+    assert skipped_rows == []  # nothing was written off as unreadable: --resume will predict every file
 
 
 @pytest.mark.realdata

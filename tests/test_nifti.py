@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import shutil
+import struct
+import tracemalloc
 from pathlib import Path
 
 import nibabel as nib
@@ -11,8 +13,9 @@ import numpy as np
 import pytest
 
 from medxai.data import read_image
+from medxai.data.readers import probe_image, read_image_bytes
 from medxai.data.readers.image import read_image_with_info
-from medxai.data.readers.nifti import volume_slice
+from medxai.data.readers.nifti import AXES, read_nifti_volume, volume_slice
 from medxai.data.sources import VolumeSliceSource
 from medxai.data.sources import ImageFolderSource
 from medxai.data.splits import carve_splits
@@ -174,3 +177,156 @@ def test_every_slice_of_a_set_of_volumes_as_a_dataset(tmp_path):
     assert not volumes["train"] & volumes["val"]
     coronal = VolumeSliceSource(ImageFolderSource(tmp_path / "vols"), axis="coronal")
     assert len(coronal) == 4 * 7
+
+
+# -- hostile headers (issue 17, defect 1) ------------------------------------------------------------------------------
+#: Where each header field lies, per NIfTI version: (offset, struct format of the whole field).
+NIFTI_FIELDS = {
+    1: {"dim": (40, "8h"), "datatype": (70, "h"), "bitpix": (72, "h"), "pixdim": (76, "8f"), "vox_offset": (108, "f"),
+        "scl_slope": (112, "f"), "scl_inter": (116, "f"), "qform_code": (252, "h"), "sform_code": (254, "h"),
+        "quatern": (256, "6f"), "srow": (280, "12f")},
+    2: {"datatype": (12, "h"), "bitpix": (14, "h"), "dim": (16, "8q"), "pixdim": (104, "8d"), "vox_offset": (168, "q"),
+        "scl_slope": (176, "d"), "scl_inter": (184, "d"), "qform_code": (344, "i"), "sform_code": (348, "i"),
+        "quatern": (352, "6d"), "srow": (400, "12d")},
+}
+NIFTI_VARIANTS = [(1, "<"), (1, ">"), (2, "<"), (2, ">")]
+
+
+def nifti_bytes(version: int = 1, order: str = "<", data: np.ndarray | None = None) -> bytes:
+    """A valid single-file NIfTI-1 or NIfTI-2 volume (int16, 6 x 5 x 4 by default) in the given byte order."""
+    data = ras_volume() if data is None else data
+    header_class, image_class = (nib.Nifti1Header, nib.Nifti1Image) if version == 1 else (nib.Nifti2Header,
+                                                                                         nib.Nifti2Image)
+    header = header_class(endianness=order)
+    header.set_data_dtype(data.dtype)
+    return image_class(data, np.diag([2.0, 2.0, 3.0, 1.0]), header=header).to_bytes()
+
+
+def patched(content: bytes, version: int, order: str, field: str, value: float | tuple, index: int = 0) -> bytes:
+    """``content`` with values of a header field replaced from its ``index``-th value on (``value``: one or more)."""
+    offset, layout = NIFTI_FIELDS[version][field]
+    code = layout[-1]
+    values = value if isinstance(value, tuple) else (value,)
+    position = offset + index * struct.calcsize(code)
+    result = bytearray(content)
+    result[position : position + struct.calcsize(code) * len(values)] = struct.pack(order + code * len(values), *values)
+    return bytes(result)
+
+
+def the_issues_header() -> bytes:
+    """Issue 17's reproduction: 352 bytes, dims 3 x 64 x 64 x 8, datatype 2, ``n+1``, vox_offset NaN at byte 108."""
+    header = bytearray(352)
+    struct.pack_into("<i", header, 0, 348)
+    struct.pack_into("<8h", header, 40, 3, 64, 64, 8, 1, 1, 1, 1)
+    struct.pack_into("<hh", header, 70, 2, 8)
+    struct.pack_into("<f", header, 108, float("nan"))
+    header[344:348] = b"n+1\x00"
+    return bytes(header)
+
+
+def test_the_issues_header_with_vox_offset_nan_is_a_clear_error(tmp_path):
+    path = tmp_path / "nan.nii"
+    path.write_bytes(the_issues_header())
+    for read in (lambda: read_image(path), lambda: probe_image(path),
+                 lambda: read_image_bytes(the_issues_header(), name="upload"),
+                 lambda: read_image_bytes(gzip.compress(the_issues_header()), name="upload")):
+        with pytest.raises(InvalidImageError, match="NIfTI header is damaged: vox_offset nan"):
+            read()
+
+
+# field, value, index, reason: each value gets the same reason in NIfTI-1 and NIfTI-2, in both byte orders.
+DAMAGED_FIELDS = [
+    ("vox_offset", float("nan"), 0, "vox_offset nan"),
+    ("vox_offset", float("inf"), 0, "vox_offset inf"),
+    ("vox_offset", float("-inf"), 0, "vox_offset -inf"),
+    ("vox_offset", 352.5, 0, "vox_offset 352.5 .not a whole number"),
+    ("vox_offset", -352, 0, "vox_offset -352 .expected"),
+    ("vox_offset", 0, 0, "vox_offset 0 .expected"),
+    ("vox_offset", 300, 0, "vox_offset 300 .expected"),
+    ("vox_offset", 2**30, 0, "vox_offset 1073741824 .expected"),
+    ("vox_offset", 10_000, 0, "truncated NIfTI file"),  # valid, but past the end of the file
+    ("dim", 0, 0, "dim.0. = 0"),
+    ("dim", -1, 0, "dim.0. = -1"),
+    ("dim", 8, 0, "dim.0. = 8"),
+    ("dim", 0, 2, "empty dimension: 6x0x4"),
+    ("dim", -5, 1, "empty dimension: -5x5x4"),
+    ("dim", 30000, 1, "truncated NIfTI file: [0-9]+ of 1200[0-9]{3} bytes"),  # more data than the file holds
+    ("dim", (30000, 30000, 30000), 1, "MAX_VOLUME_VOXELS"),
+    ("datatype", 0, 0, "unknown datatype 0"),
+    ("datatype", 3, 0, "unknown datatype 3"),
+    ("datatype", -4, 0, "unknown datatype -4"),
+    ("datatype", 16, 0, "bitpix 16 does not match datatype 16 .32 bits"),
+    ("bitpix", 0, 0, "bitpix 0 does not match datatype 4"),
+    ("bitpix", -16, 0, "bitpix -16 does not match"),
+    ("bitpix", 64, 0, "bitpix 64 does not match"),
+]
+
+
+@pytest.mark.parametrize("version, order", NIFTI_VARIANTS, ids=[f"nifti{v}{o}" for v, o in NIFTI_VARIANTS])
+def test_every_header_field_that_sizes_or_places_the_data_is_validated(version, order, tmp_path):
+    content = nifti_bytes(version, order)
+    for field, value, index, reason in DAMAGED_FIELDS:
+        if version == 2 and field == "vox_offset" and not float(value).is_integer():
+            continue  # NIfTI-2 stores vox_offset as an integer
+        damaged = patched(content, version, order, field, value, index)
+        (tmp_path / "damaged.nii").write_bytes(damaged)
+        for read in (lambda: read_image_bytes(damaged), lambda: read_image(tmp_path / "damaged.nii"),
+                     lambda: probe_image(tmp_path / "damaged.nii"), lambda: read_image_bytes(gzip.compress(damaged))):
+            with pytest.raises(InvalidImageError, match=reason):
+                read()
+
+
+@pytest.mark.parametrize("version, order", NIFTI_VARIANTS, ids=[f"nifti{v}{o}" for v, o in NIFTI_VARIANTS])
+def test_non_finite_scaling_and_placement_fields_do_not_crash(version, order):
+    """pixdim, qform and sform only place the volume in space: when they cannot give an affine the stored axis order
+    is kept; a non-finite scl_slope means no scaling (as nibabel reads it), a non-finite scl_inter no offset."""
+    content = nifti_bytes(version, order)
+    reference = read_image_bytes(content)[0]
+    for field, value, index in [("pixdim", float("nan"), 1), ("pixdim", float("inf"), 2), ("pixdim", -2.0, 1),
+                                ("pixdim", 0.0, 3), ("quatern", float("nan"), 0), ("srow", float("inf"), 0),
+                                ("qform_code", 1, 0), ("scl_slope", float("nan"), 0), ("scl_slope", float("inf"), 0)]:
+        damaged = patched(content, version, order, field, value, index)
+        if field in ("quatern", "srow"):
+            damaged = patched(damaged, version, order, "qform_code" if field == "quatern" else "sform_code", 1)
+        image, info = read_image_bytes(damaged)
+        assert image.shape in (reference.shape, reference.shape[::-1]) and np.isfinite(image).all(), (field, value)
+        if field == "scl_slope":
+            np.testing.assert_array_equal(image, reference)  # no scaling, and the affine untouched
+    offset_only = patched(patched(content, version, order, "scl_slope", 2.0), version, order, "scl_inter", float("nan"))
+    np.testing.assert_array_equal(read_image_bytes(offset_only)[0], reference * 2.0)
+
+
+def test_a_truncated_file_is_found_from_its_header_before_reading(tmp_path):
+    content = nifti_bytes()
+    expected = len(content)
+    for cut in (352, 353, expected - 1):
+        (tmp_path / "cut.nii").write_bytes(content[:cut])
+        for read in (lambda: read_image(tmp_path / "cut.nii"), lambda: probe_image(tmp_path / "cut.nii"),
+                     lambda: read_image_bytes(content[:cut])):
+            with pytest.raises(InvalidImageError, match=f"truncated NIfTI file: {cut} of {expected} bytes"):
+                read()
+        with pytest.raises(InvalidImageError, match=f"truncated NIfTI file: {cut} of {expected} bytes"):
+            read_image_bytes(gzip.compress(content[:cut]))  # the inflated length counts
+
+
+def test_one_slice_costs_that_slice_not_the_whole_volume_in_float64(tmp_path):
+    """A scaled int16 volume of 8 MB: nibabel would make all of it float64 (32 MB) to give one slice."""
+    volume = np.random.default_rng(0).integers(0, 1000, (160, 160, 160)).astype(np.int16)
+    path = save(tmp_path / "scaled.nii", volume, np.eye(4), scl_slope=0.5, scl_inter=1.0)
+    tracemalloc.start()
+    try:
+        image = read_image(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_allclose(image, volume_slice(volume, "axial", 80) * 0.5 + 1.0)
+    assert peak < volume.nbytes * 1.3, peak  # the file's bytes and one slice
+
+
+@pytest.mark.parametrize("axis", AXES)
+def test_a_slice_read_alone_equals_the_slice_of_the_whole_volume(axis, tmp_path):
+    for name, path in stored_variants(tmp_path).items():
+        whole, _ = read_nifti_volume(path, compressed=name == "lps")
+        for index in range(whole.shape[AXES.index(axis)]):
+            np.testing.assert_array_equal(read_image(path, axis=axis, slice_index=index),
+                                          volume_slice(whole, axis, index), err_msg=f"{name} {axis} {index}")

@@ -26,10 +26,11 @@ import numpy as np
 import torch
 
 from medxai.data import read_image_with_info
+from medxai.data.readers import unexpected_error_reason
 from medxai.data.input_profile import ImageFacts, image_facts
 from medxai.data.labels import label_key
 from medxai.data.preprocess import ContentBox, Preprocessor
-from medxai.errors import CheckpointError, ConfigError, InvalidImageError
+from medxai.errors import CheckpointError, ConfigError, InvalidImageError, MedxaiError
 from medxai.evaluate.calibration import card_calibrator
 from medxai.evaluate.domain import DomainGuard, DomainVerdict
 from medxai.explain import DecisionTarget, LogOddsTarget, build_cam, overlay_heatmap
@@ -272,14 +273,26 @@ class Classifier:
     def _prepare(self, items: Sequence[DecodedInput]) -> tuple[torch.Tensor, list[ContentBox], list[ImageFacts]]:
         tensors, boxes, facts = [], [], []
         for item in items:
-            tensor, box = self.preprocessor.prepare(item.image, name=item.name)
+            tensor, box, item_facts = self._prepare_one(item)
             tensors.append(tensor)
             boxes.append(box)
-            facts.append(image_facts(item.image, tensor, item.info))
+            facts.append(item_facts)
         batch = self.preprocessor.normalize(torch.stack(tensors).to(self.device))
         if self.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         return batch, boxes, facts
+
+    def _prepare_one(self, item: DecodedInput) -> tuple[torch.Tensor, ContentBox, ImageFacts]:
+        """One decoded image as a model input. An error of this image's own (a shape or values no step foresaw) is
+        an :class:`InvalidImageError` naming it, so that batch jobs skip this image alone; what fails later, on the
+        whole batch (the network, the device), is not an image's fault and stops the job."""
+        try:
+            tensor, box = self.preprocessor.prepare(item.image, name=item.name)
+            return tensor, box, image_facts(item.image, tensor, item.info)
+        except MedxaiError:
+            raise
+        except Exception as error:  # noqa: BLE001 - made this image's error, see the docstring
+            raise InvalidImageError(item.name, unexpected_error_reason(error)) from error
 
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
         return self.model(batch).float()

@@ -182,6 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--token-file", help="file holding the bearer token every /v1 request must carry")
     serve.add_argument("--max-upload-mb", type=float, help="largest upload in MB (default 64)")
     serve.add_argument("--max-pixels", type=int, help="most pixels of a decoded image (default 50,000,000)")
+    serve.add_argument("--max-voxels", type=int,
+                       help="most voxels of a decoded volume or multi-frame upload (default 64,000,000)")
+    serve.add_argument("--max-decoded-mb", type=float,
+                       help="most memory decoding one upload may take, judged from its header (default 256)")
+    serve.add_argument("--max-decodes", type=int, help="uploads decoded at once; others wait (default 2)")
+    serve.add_argument("--decode-budget-mb", type=float,
+                       help="decode memory of all uploads being decoded together (default 512)")
     serve.add_argument("--cors-origin", action="append", dest="cors_origins",
                        help="a browser origin allowed to call the API (repeatable; default: CORS off)")
     serve.add_argument("--audit-db", help="SQLAlchemy URL or SQLite file (default: RUN/serve/audit.sqlite)")
@@ -615,9 +622,9 @@ def _run_serve(arguments: argparse.Namespace) -> int:
 
     config = with_values(ServeConfig(), **{name: getattr(arguments, name) for name in (
         "host", "port", "device", "backend", "max_batch", "max_wait_ms", "queue", "timeout_s", "token_file",
-        "max_upload_mb", "max_pixels", "cors_origins", "audit_db", "allowed_hosts", "header_timeout_s",
-        "read_timeout_s", "min_upload_rate", "max_connections_per_client", "receive_budget_mb", "worker_threads",
-        "malloc_arenas")})
+        "max_upload_mb", "max_pixels", "max_voxels", "max_decoded_mb", "max_decodes", "decode_budget_mb",
+        "cors_origins", "audit_db", "allowed_hosts", "header_timeout_s", "read_timeout_s", "min_upload_rate",
+        "max_connections_per_client", "receive_budget_mb", "worker_threads", "malloc_arenas")})
     run_server(arguments.run, config, log_level="debug" if arguments.verbose else "info")
     return 0
 

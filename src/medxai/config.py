@@ -228,6 +228,12 @@ class ServeConfig:
     token_file: str | None = None  # a file holding the bearer token every /v1 request must carry
     max_upload_mb: float = 64.0  # most bytes one upload may have
     max_pixels: int = 50_000_000  # most pixels one decoded image may have (PIL.Image.MAX_IMAGE_PIXELS)
+    # Decoding limits of one upload, tighter than batch jobs' (medxai.data.readers.limits): a volume's or multi-frame
+    # object's voxels, and the memory decoding may take, estimated from the header before decoding (more: 413).
+    max_voxels: int = 64_000_000
+    max_decoded_mb: float = 256.0
+    max_decodes: int = 2  # uploads decoded at once; the others wait (up to timeout_s, then 504)
+    decode_budget_mb: float = 512.0  # estimated decode memory of all uploads being decoded together
     cors_origins: list[str] = field(default_factory=list)  # browser origins allowed to call the API; none: CORS off
     audit_db: str | None = None  # SQLAlchemy URL or SQLite path; None: <run>/serve/audit.sqlite
     explanations_kept: int = 64  # overlays kept for GET /v1/explanations/{id} (overlay=url), newest first

@@ -6,6 +6,8 @@ catch what needs no network to see and what a network may not see at all:
 - **DICOM header**: Modality, BodyPartExamined and PhotometricInterpretation outside the set the model is for (read
   from the training DICOM files, or declared in ``domain.modalities`` / ``domain.body_parts`` when training data
   were PNG/JPEG exports that lost their headers). A value the header does not give is never held against an input.
+  A reason names a header value only when it is a DICOM defined term (:mod:`medxai.data.readers.dicom_terms`):
+  anything else a header holds (a crafted file can put a name there) is never repeated.
 - **Colour**: a colour photograph given to a model trained on grey films (a grey model turns colour into luminance,
   so its features may never see the colour). Colourfulness is the mean of ``max - min`` over the channels of each
   pixel on the [0, 1] scale: 0 for grey images stored as RGB.
@@ -29,6 +31,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from medxai.data.readers.dicom_terms import BODY_PARTS, MODALITIES, PHOTOMETRIC_INTERPRETATIONS, known_term
 
 __all__ = ["ImageFacts", "InputProfile", "image_facts", "colourfulness", "COLOUR_LIMIT"]
 
@@ -129,13 +133,13 @@ class InputProfile:
     def reasons(self, facts: ImageFacts) -> list[str]:
         """Why ``facts`` lie outside the profile (empty when they do not)."""
         found = []
-        for name, value, allowed in (
-            ("DICOM Modality", facts.modality, self.modalities),
-            ("DICOM BodyPartExamined", facts.body_part, self.body_parts),
-            ("DICOM PhotometricInterpretation", facts.photometric, self.photometrics),
+        for kind, value, allowed, vocabulary in (
+            ("modality", facts.modality, self.modalities, MODALITIES),
+            ("body part", facts.body_part, self.body_parts, BODY_PARTS),
+            ("photometric interpretation", facts.photometric, self.photometrics, PHOTOMETRIC_INTERPRETATIONS),
         ):
             if value and allowed and value not in allowed:
-                found.append(f"{name} {value} (the model is for {', '.join(allowed)})")
+                found.append(_unexpected_header_value(kind, value, allowed, vocabulary))
         if not self.colour and facts.colourfulness > COLOUR_LIMIT:
             found.append(f"a colour image (colourfulness {facts.colourfulness:.2f}) for a model of grey ones")
         aspect = facts.height / facts.width
@@ -160,6 +164,18 @@ class InputProfile:
         ranges = {key: None if values.get(key) is None else tuple(values[key])
                   for key in ("mean_range", "std_range", "aspect_range")}
         return cls(**{**values, **ranges})
+
+
+def _unexpected_header_value(kind: str, value: str, allowed: Sequence[str], vocabulary: frozenset[str]) -> str:
+    """``modality MR not among those trained on (CR, DX)``: the value and the training values are named only when
+    they are defined terms; others are counted, never repeated."""
+    term = known_term(value, vocabulary)
+    named = [item for item in allowed if known_term(item, vocabulary)]
+    others = len(allowed) - len(named)
+    trained = ", ".join(named + ([f"{others} other value(s)"] if others else []))
+    if term is None:
+        return f"unexpected {kind} (not among those trained on: {trained})"
+    return f"{kind} {term} not among those trained on ({trained})"
 
 
 def _widened(values: Sequence[float]) -> tuple[float, float]:

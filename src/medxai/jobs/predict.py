@@ -332,8 +332,14 @@ def _stream(names: InputNames, files: Sequence[InputFile], function: Callable[[l
 
 
 def one_by_one_on_failure(function: Callable[[list], list], items: list) -> tuple[list, list[tuple[Any, Exception]]]:
-    """``function(items)``; if an item cannot be read (:class:`InvalidImageError`), each item alone, so that one
-    broken file costs nothing else. Returns the results and the ``(item, error)`` of the items that failed."""
+    """``function(items)``; if an item cannot be used (:class:`InvalidImageError`), each item alone, so that one
+    broken file costs nothing else. Returns the results and the ``(item, error)`` of the items that failed.
+
+    Whatever fails because of one input is an :class:`InvalidImageError` by the time it gets here: the readers turn
+    their unforeseen exceptions into one (``unreadable (Type: ...)``), and so does the classifier for an image's
+    preprocessing. Any other exception is not about one input (the network, the device, a bad option) and stops the
+    job rather than skipping every file in its name.
+    """
     try:
         return function(items), []
     except InvalidImageError:

@@ -1,16 +1,23 @@
 """The model behind the service: a run's :class:`~medxai.classifier.Classifier`, fed whole batches.
 
-The engine decodes uploads (in the request's thread, with the readers' content sniffing and size limits), runs
-batches the :class:`~medxai.serve.batcher.MicroBatcher` gathered (on its one worker thread), and says what the model
-is (``id``: the run folder's name; ``version``: the first 12 hex digits of the weights' SHA-256, so that a retrained
-model never answers under an old version).
+The engine decodes uploads (in the request's thread, from memory, with the readers' content sniffing and the
+service's own limits), runs batches the :class:`~medxai.serve.batcher.MicroBatcher` gathered (on its one worker
+thread), and says what the model is (``id``: the run folder's name; ``version``: the first 12 hex digits of the
+weights' SHA-256, so that a retrained model never answers under an old version).
+
+Decoding memory is bounded per upload and in total: each upload's decode cost is estimated from its header before a
+byte is decoded (:func:`~medxai.data.readers.probe_image_bytes`); one beyond ``--max-decoded-mb`` is refused at once
+(413), and the others wait in a :class:`DecodeBudget` until at most ``--max-decodes`` decodes of at most
+``--decode-budget-mb`` together are running.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
-from collections.abc import Hashable, Sequence
+import threading
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,12 +26,12 @@ import numpy as np
 
 from medxai.classifier import Classifier, DecodedInput
 from medxai.config import ServeConfig
-from medxai.data.readers import read_image_bytes
-from medxai.errors import MedxaiError
+from medxai.data.readers import ReadLimits, probe_image_bytes, read_image_bytes
+from medxai.errors import ConfigError, MedxaiError
 from medxai.explain import CAM_METHODS, get_cam_method
 from medxai.run_folder import RunFolder
 
-__all__ = ["PREDICT", "UPLOAD_NAME", "Engine", "ModelIdentity", "explain_key"]
+__all__ = ["PREDICT", "UPLOAD_NAME", "DecodeBudget", "Engine", "ModelIdentity", "explain_key", "upload_limits"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,23 +58,88 @@ class ModelIdentity:
         return {"id": self.id, "version": self.version, "medxai_version": self.medxai_version}
 
 
-class Engine:
-    """A loaded run, ready for batches of decoded uploads."""
+_MB = 1024 * 1024
 
-    def __init__(self, classifier: Classifier, identity: ModelIdentity) -> None:
+
+def upload_limits(config: ServeConfig) -> ReadLimits:
+    """The readers' limits for one upload, from the service's settings (named in the 413 answers)."""
+    return ReadLimits(max_pixels=config.max_pixels, max_voxels=config.max_voxels,
+                      max_decoded_bytes=int(config.max_decoded_mb * _MB), pixels_setting="--max-pixels",
+                      voxels_setting="--max-voxels", bytes_setting="--max-decoded-mb")
+
+
+class DecodeBudget:
+    """How many uploads are decoded at once, and how much memory (estimated from their headers) they take together.
+
+    A decode waits until it is among the first ``max_decodes`` and its cost fits beside the others' within
+    ``max_bytes``; one that costs more than ``max_bytes`` alone runs when nothing else does, so no request waits
+    for ever on a budget it can never fit.
+    """
+
+    def __init__(self, max_decodes: int, max_bytes: int) -> None:
+        if max_decodes < 1 or max_bytes < 1:
+            raise ConfigError("--max-decodes and --decode-budget-mb must be positive")
+        self.max_decodes = max_decodes
+        self.max_bytes = max_bytes
+        self.decodes = 0
+        self.reserved = 0
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def reserve(self, cost: int, timeout: float) -> Iterator[None]:
+        """Hold ``cost`` bytes and one decode while the block runs.
+
+        Raises:
+            TimeoutError: the budget did not allow it within ``timeout`` seconds.
+        """
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._fits(cost), timeout):
+                raise TimeoutError(f"no decode slot within {timeout:g} s")
+            self.decodes += 1
+            self.reserved += cost
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.decodes -= 1
+                self.reserved -= cost
+                self._changed.notify_all()
+
+    def _fits(self, cost: int) -> bool:
+        if self.decodes >= self.max_decodes:
+            return False
+        return self.decodes == 0 or self.reserved + cost <= self.max_bytes
+
+
+class Engine:
+    """A loaded run, ready for batches of decoded uploads.
+
+    Args:
+        classifier: the run's classifier.
+        identity: what answers.
+        config: the service's settings, for decoding: the upload limits (:func:`upload_limits`), the decode budget
+            and how long a decode may wait for it (``timeout_s``); a default :class:`ServeConfig` when None.
+    """
+
+    def __init__(self, classifier: Classifier, identity: ModelIdentity, config: ServeConfig | None = None) -> None:
+        config = config or ServeConfig()
         self.classifier = classifier
         self.identity = identity
+        self.limits = upload_limits(config)
+        self.budget = DecodeBudget(config.max_decodes, int(config.decode_budget_mb * _MB))
+        self.wait_s = config.timeout_s
 
     @classmethod
     def load(cls, run_dir: str | Path, config: ServeConfig) -> Engine:
         """Load the run's best checkpoint on ``config.device`` with ``config.backend``; batches of up to
-        ``config.max_batch``."""
+        ``config.max_batch``; uploads decoded within ``config``'s limits and budget."""
         run = RunFolder(run_dir)
         classifier = Classifier.from_run(run.path, device=config.device, batch_size=config.max_batch,
                                          backend=config.backend)
         if config.channels_last:
             classifier.use_channels_last()
-        return cls(classifier, ModelIdentity(run.path.name, _weights_version(run), classifier.card.medxai_version))
+        identity = ModelIdentity(run.path.name, _weights_version(run), classifier.card.medxai_version)
+        return cls(classifier, identity, config)
 
     @property
     def backend(self) -> str:
@@ -80,12 +152,18 @@ class Engine:
 
     # -- per request, in the request's thread ------------------------------------------------------------------
     def decode(self, data: bytes) -> DecodedInput:
-        """An upload's bytes as an image (content sniffed; the readers' limits apply).
+        """An upload's bytes as an image: content sniffed, decoded from memory within the upload limits, once the
+        decode budget allows (see the module docstring).
 
         Raises:
-            InvalidImageError: empty, not an image, truncated, too large, a DICOM object without pixels...
+            ImageTooLargeError: the header claims more than the limits (before anything is decoded).
+            InvalidImageError: empty, not an image, truncated, a damaged header, a DICOM object without pixels,
+                anything a decoder did not anticipate.
+            TimeoutError: the decode budget stayed full for ``wait_s`` seconds.
         """
-        image, info = read_image_bytes(data, name=UPLOAD_NAME)
+        cost = probe_image_bytes(data, name=UPLOAD_NAME, limits=self.limits)["decoded_bytes"]
+        with self.budget.reserve(cost, self.wait_s):
+            image, info = read_image_bytes(data, name=UPLOAD_NAME, limits=self.limits)
         return DecodedInput(UPLOAD_NAME, image, info)
 
     def check_explain(self, method: str, target: str | None) -> str:

@@ -21,8 +21,12 @@ converted to RGB, PALETTE COLOR through its lookup table) come out as ``(H, W, 3
 than 8 bits). A multi-frame object gives one frame: the middle one by default (``frame=`` chooses).
 
 Rejected with :class:`~medxai.errors.UnsupportedDicomError`: objects without pixel data (structured reports,
-waveforms, presentation states, DICOMDIRs...), segmentations, unsupported photometric interpretations. Sizes are checked
-against :mod:`medxai.data.readers.limits` before anything is decoded, including the size a JPEG or JPEG 2000 codestream claims.
+waveforms, presentation states, DICOMDIRs...), segmentations, unsupported photometric interpretations. Before anything
+is decoded, the image attributes that size the pixel data (Rows, Columns, NumberOfFrames, SamplesPerPixel,
+BitsAllocated, BitsStored, PixelRepresentation, PlanarConfiguration) are checked to be present, numbers and in range,
+the sizes they imply against :class:`~medxai.data.readers.limits.ReadLimits`, native pixel data against its length,
+and a compressed frame's own header (:mod:`medxai.data.readers.codestreams`) against the DICOM header and the limits.
+A deflated data set is inflated within the limit on decoded bytes.
 
 No patient data leaves this module: the info dict holds only technical facts (modality, photometric interpretation,
 transfer syntax, frame, window), pydicom's warnings (which may quote element values) are swallowed and only counted,
@@ -37,14 +41,32 @@ import logging
 import math
 import struct
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from medxai.data.readers.limits import check_image_size, check_volume_size
-from medxai.errors import ConfigError, InvalidImageError, UnsupportedDicomError
+from medxai.data.readers._reasons import error_text
+from medxai.data.readers.codestreams import (
+    CodestreamError,
+    FrameHeader,
+    check_end_marker,
+    j2k_frame_header,
+    jpeg_frame_header,
+    rle_segment_offsets,
+)
+from medxai.data.readers.dicom_terms import PHOTOMETRIC_INTERPRETATIONS, known_term
+from medxai.data.readers.limits import (
+    ReadLimits,
+    check_decoded_bytes,
+    check_image_size,
+    check_volume_size,
+    inflate_limited,
+    resolve,
+)
+from medxai.errors import ConfigError, ImageTooLargeError, InvalidImageError, UnsupportedDicomError
 
 __all__ = [
     "looks_like_dicom",
@@ -52,6 +74,7 @@ __all__ = [
     "read_dicom_dataset",
     "probe_dicom",
     "default_frame_index",
+    "HEADER_BYTES",
     "WINDOW_MODES",
     "PHI_KEYWORDS",
     "phi_values",
@@ -112,6 +135,9 @@ _NON_IMAGE_SOP_PREFIXES = (
 )
 
 _PREAMBLE_LENGTH = 128
+#: Most bytes of a compressed (gzip or deflate) DICOM file inflated to read its header alone: real headers, private
+#: sequences included, stay far below.
+HEADER_BYTES = 4 * 2**20
 _VALID_VRS = frozenset(
     b"AE AS AT CS DA DS DT FL FD IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR US UT UV".split()
 )
@@ -146,31 +172,83 @@ def default_frame_index(frames: int) -> int:
 
 
 # -- reading -----------------------------------------------------------------------------------------------------
-def read_dicom_dataset(path: str | Path, data: bytes | None = None, *, stop_before_pixels: bool = False) -> Any:
+def read_dicom_dataset(path: str | Path, data: bytes | None = None, *, stop_before_pixels: bool = False,
+                       limits: ReadLimits | None = None) -> Any:
     """Parse a DICOM file (or its bytes) into a ``pydicom.Dataset``, with pydicom's warnings counted, not shown.
+
+    A data set in the Deflated Explicit VR Little Endian transfer syntax is inflated here, at most
+    ``limits.max_decoded_bytes`` (pydicom would inflate it whole, however large), and only its first
+    :data:`HEADER_BYTES` when ``stop_before_pixels``.
 
     Args:
         path: the file (named in errors; read unless ``data`` is given).
-        data: the file's content when already in memory (e.g. inflated from ``.dcm.gz``).
+        data: the file's content when already in memory (e.g. inflated from ``.dcm.gz``, or an upload).
         stop_before_pixels: parse the header only.
+        limits: see :class:`~medxai.data.readers.limits.ReadLimits`.
 
     Raises:
         InvalidImageError: the content cannot be parsed as DICOM.
+        ImageTooLargeError: a deflated data set inflates past the limit.
     """
     import pydicom
 
-    source: Any = io.BytesIO(data) if data is not None else str(path)
-    with quiet_pydicom(path):
+    with quiet_pydicom(path), _opened(path, data) as stream:
         try:
-            dataset = pydicom.dcmread(source, force=True, stop_before_pixels=stop_before_pixels)
+            inflated = _inflated_data_set(path, stream, limits, HEADER_BYTES if stop_before_pixels else None)
+            stream.seek(0)
+            dataset = pydicom.dcmread(inflated or stream, force=True, stop_before_pixels=stop_before_pixels)
+        except InvalidImageError:
+            raise
         except MemoryError:
             raise InvalidImageError(path, "not enough memory to parse this DICOM file") from None
         except Exception as error:  # noqa: BLE001 - pydicom reports damaged files with many types
             raise InvalidImageError(path, f"unreadable DICOM data: {_short(error)}") from None
     if len(dataset) == 0:
         raise InvalidImageError(path, "unreadable DICOM data: no data elements")
+    if inflated is not None:
+        dataset.file_meta = inflated.file_meta
+        _check_header_complete(path, dataset, stop_before_pixels and len(inflated.getbuffer()) >= HEADER_BYTES)
     _infer_transfer_syntax(dataset)
     return dataset
+
+
+@contextlib.contextmanager
+def _opened(path: str | Path, data: bytes | None) -> Iterator[Any]:
+    if data is not None:
+        yield io.BytesIO(data)
+        return
+    try:
+        handle = open(path, "rb")  # noqa: SIM115 - closed below
+    except OSError as error:
+        raise InvalidImageError(path, f"cannot be read ({error.strerror or error})") from None
+    with handle:
+        yield handle
+
+
+class _InflatedDataSet(io.BytesIO):
+    """A deflated file's data set, inflated within the limit, with the file meta information read before it."""
+
+    def __init__(self, content: bytes, file_meta: Any) -> None:
+        super().__init__(content)
+        self.file_meta = file_meta
+
+
+def _inflated_data_set(path: str | Path, stream: Any, limits: ReadLimits | None, prefix: int | None
+                       ) -> _InflatedDataSet | None:
+    """The data set of a Deflated Explicit VR Little Endian file, inflated at most ``limits.max_decoded_bytes`` (or
+    its first ``prefix`` bytes); None for any other transfer syntax (pydicom reads those as they are)."""
+    from pydicom import filereader
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    try:
+        filereader.read_preamble(stream, True)
+        # pydicom's own reading of the file meta group, which dcmread runs before it inflates the rest unbounded
+        file_meta = filereader._read_file_meta_info(stream)
+    except Exception:  # noqa: BLE001 - dcmread reports what is wrong with the file
+        return None
+    if file_meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        return None
+    return _InflatedDataSet(inflate_limited(path, stream.read(), limits, prefix=prefix), file_meta)
 
 
 def _infer_transfer_syntax(dataset: Any) -> None:
@@ -197,6 +275,7 @@ def read_dicom(
     data: bytes | None = None,
     window: str | Sequence[float] = "header",
     frame: int | None = None,
+    limits: ReadLimits | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Decode one frame of a DICOM image (see the module docstring for every step).
 
@@ -205,47 +284,88 @@ def read_dicom(
         data: the file's bytes, when already in memory.
         window: ``"header"`` (default), ``"full"`` or a ``(center, width)`` pair in modality units.
         frame: frame index of a multi-frame object (negative counts from the end); None takes the middle frame.
+        limits: see :class:`~medxai.data.readers.limits.ReadLimits`.
 
     Returns:
         The array (float32 ``(H, W)`` in [0, 1] for grey; ``(H, W, 3)`` uint8/uint16 RGB for colour) and an info dict
-        ``{"format": "DICOM", "mode", "original_size": [W, H], "modality", "sop_class", "transfer_syntax",
-        "frames", "frame", "window", "inverted"}`` with no patient data.
+        ``{"format": "DICOM", "mode", "original_size": [W, H], "modality", "body_part", "sop_class",
+        "transfer_syntax", "frames", "frame", "window", "inverted"}`` with no patient data. ``modality`` and
+        ``body_part`` are the header's values (upper case) for the domain checks: never print them, name them only
+        through :func:`medxai.data.readers.dicom_terms.known_term`.
 
     Raises:
         UnsupportedDicomError: no pixel data, a non-image object, an unsupported photometric interpretation.
-        ImageTooLargeError: dimensions beyond the limits.
-        InvalidImageError: unreadable, truncated or undecodable data; a frame index out of range.
+        ImageTooLargeError: dimensions or decoded bytes beyond the limits, in the header or in a compressed frame.
+        InvalidImageError: unreadable, truncated or undecodable data, a missing or absurd image attribute, a
+            compressed frame whose own header cannot be read or disagrees with the DICOM header; a frame index out
+            of range.
         ConfigError: an invalid ``window`` option.
     """
     window = _check_window_option(window)
-    dataset = read_dicom_dataset(path, data)
+    limits = resolve(limits)
+    dataset = read_dicom_dataset(path, data, limits=limits)
     with quiet_pydicom(path):
         try:
-            return _read_frame(path, dataset, window, frame)
+            return _read_frame(path, dataset, window, frame, limits)
         except (InvalidImageError, ConfigError):
             raise
         except MemoryError:
             raise InvalidImageError(path, "not enough memory to decode this DICOM image") from None
         except Exception as error:  # noqa: BLE001 - a damaged header surfaces as any type on first access
-            raise InvalidImageError(path, f"invalid DICOM image attributes: {_short(error, dataset)}") from None
+            logger.debug("%s: unexpected %s reading the image attributes", path, type(error).__name__)
+            raise InvalidImageError(path, f"invalid DICOM image attributes ({type(error).__name__})") from None
 
 
-def probe_dicom(path: str | Path, data: bytes | None = None) -> dict[str, Any]:
-    """The stored size and photometric interpretation from the header only (no pixel decoding).
+def probe_dicom(path: str | Path, data: bytes | None = None, *, limits: ReadLimits | None = None,
+                prefix: bool = False) -> dict[str, Any]:
+    """The stored size and photometric interpretation from the header only (no pixel decoding), checked as a read
+    would check them.
+
+    Args:
+        path: the file (named in errors; read unless ``data`` is given).
+        data: the file's bytes, or (``prefix``) its first :data:`HEADER_BYTES` bytes.
+        limits: see :class:`~medxai.data.readers.limits.ReadLimits`.
+        prefix: ``data`` may be cut short of the whole file (the start of an inflated ``.dcm.gz``).
+
+    Returns:
+        ``{"format": "DICOM", "mode", "original_size": [W, H], "frames", "decoded_bytes"}``: ``mode`` is the
+        photometric interpretation when it is a defined term (else ``"unknown"``), ``decoded_bytes`` about the most
+        memory decoding one frame takes.
 
     Raises:
-        InvalidImageError: the header cannot be parsed or lacks Rows/Columns.
+        InvalidImageError: the header cannot be parsed, or an image attribute is missing or absurd.
+        ImageTooLargeError: the header claims more than the limits allow.
     """
-    dataset = read_dicom_dataset(path, data, stop_before_pixels=True)
+    limits = resolve(limits)
+    dataset = read_dicom_dataset(path, data, stop_before_pixels=True, limits=limits)
+    _check_header_complete(path, dataset, prefix and data is not None and len(data) >= HEADER_BYTES)
     with quiet_pydicom(path):
         try:
-            rows, columns = int(dataset.Rows), int(dataset.Columns)
-            mode = str(dataset.get("PhotometricInterpretation", "")).strip().upper() or "unknown"
-            frames = _number_of_frames(dataset)
+            geometry = _geometry(path, dataset, limits)
+            mode = known_term(dataset.get("PhotometricInterpretation"), PHOTOMETRIC_INTERPRETATIONS) or "unknown"
+        except InvalidImageError:
+            raise
         except Exception as error:  # noqa: BLE001
-            reason = f"DICOM header without a usable image size: {_short(error, dataset)}"
-            raise InvalidImageError(path, reason) from None
-    return {"format": "DICOM", "mode": mode, "original_size": [columns, rows], "frames": frames}
+            logger.debug("%s: unexpected %s reading the image attributes", path, type(error).__name__)
+            raise InvalidImageError(path, f"DICOM header without a usable image size ({type(error).__name__})") \
+                from None
+    decoded = geometry.decoded_bytes
+    if _is_deflated(dataset):  # the inflated data set holds every frame, natively
+        decoded += geometry.frame_bytes * geometry.frames
+    return {"format": "DICOM", "mode": mode, "original_size": [geometry.columns, geometry.rows],
+            "frames": geometry.frames, "decoded_bytes": decoded}
+
+
+def _check_header_complete(path: str | Path, dataset: Any, cut: bool) -> None:
+    """A header read from the first :data:`HEADER_BYTES` inflated bytes must hold the image attributes."""
+    if cut and "Rows" not in dataset:
+        raise ImageTooLargeError(path, f"DICOM header larger than the {HEADER_BYTES} bytes read of compressed data "
+                                       "(its image attributes lie beyond): not supported")
+
+
+def _is_deflated(dataset: Any) -> bool:
+    meta = getattr(dataset, "file_meta", None)
+    return bool(meta is not None and getattr(meta.get("TransferSyntaxUID"), "is_deflated", False))
 
 
 def phi_values(dataset: Any) -> set[str]:
@@ -278,32 +398,30 @@ def _phi_values(dataset: Any) -> set[str]:
 
 # -- machinery ---------------------------------------------------------------------------------------------------
 def _read_frame(
-    path: str | Path, dataset: Any, window: str | tuple[float, float], frame: int | None
+    path: str | Path, dataset: Any, window: str | tuple[float, float], frame: int | None, limits: ReadLimits
 ) -> tuple[np.ndarray, dict[str, Any]]:
     sop_class, sop_name = _sop_class(dataset)
     _check_is_image(path, dataset, sop_class, sop_name)
-    rows, columns = int(dataset.Rows), int(dataset.Columns)
-    samples = int(dataset.get("SamplesPerPixel", 1) or 1)
-    frames = _number_of_frames(dataset)
-    check_image_size(path, columns, rows)
-    check_volume_size(path, (frames, rows, columns, samples))
-    photometric = str(dataset.get("PhotometricInterpretation", "")).strip().upper()
+    geometry = _geometry(path, dataset, limits)
+    photometric = str(dataset.get("PhotometricInterpretation", "") or "").strip().upper()
     if photometric not in _GREY + _COLOUR + ("PALETTE COLOR",):
-        raise UnsupportedDicomError(path, f"photometric interpretation {photometric or '(missing)'!r} is not supported")
-    index = _frame_index(path, frame, frames)
+        named = known_term(photometric, PHOTOMETRIC_INTERPRETATIONS)
+        what = f"photometric interpretation {named}" if named else "a missing or unknown photometric interpretation"
+        raise UnsupportedDicomError(path, f"{what} is not supported")
+    index = _frame_index(path, frame, geometry.frames)
     transfer_syntax = _transfer_syntax_name(dataset)
-    _check_codestream_size(path, dataset, index, frames, rows, columns)
+    _check_pixel_data(path, dataset, index, geometry, photometric, limits)
     stored = _decode(path, dataset, index, transfer_syntax)
 
     info: dict[str, Any] = {
         "format": "DICOM",
         "mode": photometric,
-        "original_size": [columns, rows],
-        "modality": str(dataset.get("Modality", "") or ""),
-        "body_part": str(dataset.get("BodyPartExamined", "") or ""),
+        "original_size": [geometry.columns, geometry.rows],
+        "modality": str(dataset.get("Modality", "") or "").strip().upper(),
+        "body_part": str(dataset.get("BodyPartExamined", "") or "").strip().upper(),
         "sop_class": sop_name,
         "transfer_syntax": transfer_syntax,
-        "frames": frames,
+        "frames": geometry.frames,
         "frame": index,
         "window": None,
         "inverted": False,
@@ -338,14 +456,21 @@ def _check_window_option(window: str | Sequence[float]) -> str | tuple[float, fl
 
 
 def _sop_class(dataset: Any) -> tuple[str, str]:
+    """The SOP Class UID and its registered name; an unregistered one is not repeated (a header may hold anything)."""
     try:
         uid = dataset.get("SOPClassUID") or dataset.get("MediaStorageSOPClassUID") or ""
         if not uid and hasattr(dataset, "file_meta"):
             uid = dataset.file_meta.get("MediaStorageSOPClassUID", "") or ""
-        name = uid.name if hasattr(uid, "name") and uid.name else str(uid)
-        return str(uid), str(name) or "unknown SOP class"
+        return str(uid), _registered_name(uid, "unknown SOP class")
     except Exception:  # noqa: BLE001
         return "", "unknown SOP class"
+
+
+def _registered_name(uid: Any, unknown: str) -> str:
+    from pydicom.uid import UID_dictionary
+
+    entry = UID_dictionary.get(str(uid).strip())
+    return entry[0] if entry else unknown
 
 
 def _check_is_image(path: str | Path, dataset: Any, sop_class: str, sop_name: str) -> None:
@@ -354,18 +479,96 @@ def _check_is_image(path: str | Path, dataset: Any, sop_class: str, sop_name: st
             raise UnsupportedDicomError(path, f"DICOM {kind} ({sop_name}), not an image")
     if not any(keyword in dataset for keyword in _PIXEL_KEYWORDS):
         raise UnsupportedDicomError(path, f"DICOM object without pixel data ({sop_name}): nothing to classify")
-    for keyword in ("Rows", "Columns"):
-        if dataset.get(keyword) in (None, ""):
-            raise InvalidImageError(path, f"DICOM image without {keyword}")
 
 
-def _number_of_frames(dataset: Any) -> int:
-    value = dataset.get("NumberOfFrames")
+# -- the image attributes, validated before anything is decoded ------------------------------------------------------
+@dataclass(frozen=True)
+class _Geometry:
+    """The Image Pixel module's numbers, each checked (PS3.3 C.7.6.3)."""
+
+    rows: int
+    columns: int
+    frames: int
+    samples: int
+    bits_allocated: int
+
+    @property
+    def frame_bytes(self) -> int:
+        """Bytes of one frame's stored values (1-bit data packed)."""
+        return -(-self.rows * self.columns * self.samples * self.bits_allocated // 8)
+
+    @property
+    def decoded_bytes(self) -> int:
+        """About the most memory decoding one frame takes: the stored values, then the display chain's float64
+        working copies (measured on grey frames: about 28 bytes per pixel beside the stored values)."""
+        return self.frame_bytes + self.rows * self.columns * self.samples * _WORKING_BYTES_PER_SAMPLE
+
+
+_WORKING_BYTES_PER_SAMPLE = 28
+_MAX_FRAMES = 2**31 - 1  # the largest Integer String
+
+
+def _geometry(path: str | Path, dataset: Any, limits: ReadLimits) -> _Geometry:
+    """Rows, Columns, NumberOfFrames, SamplesPerPixel, BitsAllocated, BitsStored, PixelRepresentation and
+    PlanarConfiguration: present where required, numbers, in range; then the size limits.
+
+    Raises:
+        InvalidImageError: a missing, non-numeric or out-of-range value (never repeated: a header may hold anything).
+        ImageTooLargeError: more pixels, voxels or decoded bytes than ``limits`` allow.
+    """
+    rows = _header_integer(path, dataset, "Rows", 0, 0xFFFF)
+    columns = _header_integer(path, dataset, "Columns", 0, 0xFFFF)
+    frames = _header_integer(path, dataset, "NumberOfFrames", 1, _MAX_FRAMES, default=1)
+    samples = _header_integer(path, dataset, "SamplesPerPixel", 1, 3, default=1)
+    if samples == 2:
+        raise InvalidImageError(path, "DICOM SamplesPerPixel must be 1 or 3")
+    bits = _header_integer(path, dataset, "BitsAllocated", 1, 64)
+    if bits != 1 and bits % 8:
+        raise InvalidImageError(path, "DICOM BitsAllocated must be 1 or a multiple of 8")
+    if not _holds_float_pixels(dataset):  # integer values; float pixel data has neither attribute
+        _header_integer(path, dataset, "BitsStored", 1, bits)
+        _header_integer(path, dataset, "PixelRepresentation", 0, 1)
+    if samples > 1:
+        _header_integer(path, dataset, "PlanarConfiguration", 0, 1, default=0)
+    check_image_size(path, columns, rows, limits)
+    check_volume_size(path, (frames, rows, columns, samples), limits)
+    geometry = _Geometry(rows, columns, frames, samples, bits)
+    check_decoded_bytes(path, geometry.decoded_bytes, "decoding one DICOM frame", limits)
+    return geometry
+
+
+def _holds_float_pixels(dataset: Any) -> bool:
+    """Float or Double Float Pixel Data, or (header alone, pixel data not read) a Parametric Map, which holds them."""
+    if any(keyword in dataset for keyword in _PIXEL_KEYWORDS[1:]):
+        return True
+    return "PixelData" not in dataset and str(dataset.get("SOPClassUID", "")) == _PARAMETRIC_MAP
+
+
+_PARAMETRIC_MAP = "1.2.840.10008.5.1.4.1.1.30"
+
+
+def _header_integer(path: str | Path, dataset: Any, keyword: str, low: int, high: int,
+                    default: int | None = None) -> int:
+    """One integer attribute of the header, checked; ``default`` when absent (None: required)."""
     try:
-        frames = int(value) if value not in (None, "") else 1
-    except (TypeError, ValueError):
-        frames = 1
-    return max(frames, 1)
+        value = dataset.get(keyword)
+    except Exception:  # noqa: BLE001 - a value pydicom cannot convert
+        raise InvalidImageError(path, f"DICOM {keyword} is unreadable") from None
+    if value is None or value == "":
+        if default is None:
+            raise InvalidImageError(path, f"DICOM image without {keyword}")
+        return default
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        raise InvalidImageError(path, f"DICOM {keyword} holds several values")
+    try:
+        number = int(value)
+        exact = number == float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidImageError(path, f"DICOM {keyword} is not a number") from None
+    if not exact or not low <= number <= high:
+        raise InvalidImageError(path, f"DICOM {keyword} is out of range (expected a whole number from {low} to "
+                                      f"{high})")
+    return number
 
 
 def _frame_index(path: str | Path, frame: int | None, frames: int) -> int:
@@ -382,7 +585,7 @@ def _transfer_syntax_name(dataset: Any) -> str:
     uid = meta.get("TransferSyntaxUID") if meta is not None else None
     if uid is None:
         return "implicit VR little endian (no file meta)"
-    return str(uid.name or uid)
+    return _registered_name(uid, "an unregistered transfer syntax")
 
 
 def _decode(path: str | Path, dataset: Any, index: int, transfer_syntax: str) -> np.ndarray:
@@ -544,66 +747,89 @@ def _to_rgb(path: str | Path, dataset: Any, stored: np.ndarray, photometric: str
     return stored.astype(np.float32)
 
 
-# -- decompression bombs inside the pixel data ---------------------------------------------------------------------
-def _check_codestream_size(
-    path: str | Path, dataset: Any, index: int, frames: int, rows: int, columns: int
-) -> None:
-    """Refuse a JPEG / JPEG 2000 frame whose codestream claims more pixels than the header's Rows x Columns.
+# -- the pixel data against the header, before decoding ------------------------------------------------------------
+# Encapsulated transfer syntaxes whose frame header medxai can read, by the parser of that header.
+_JPEG_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
+                            "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"})
+_J2K_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.92",
+                           "1.2.840.10008.1.2.4.93", "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202",
+                           "1.2.840.10008.1.2.4.203"})
+_RLE_SYNTAX = "1.2.840.10008.1.2.5"
+_FRAME_HEADERS: dict[str, Callable[[bytes], FrameHeader]] = {
+    **{uid: jpeg_frame_header for uid in _JPEG_SYNTAXES}, **{uid: j2k_frame_header for uid in _J2K_SYNTAXES}}
 
-    Decoders allocate what the codestream says, not what the header says, so a small header over a huge codestream
-    would otherwise bypass the size limits.
+
+def _check_pixel_data(path: str | Path, dataset: Any, index: int, geometry: _Geometry, photometric: str,
+                      limits: ReadLimits) -> None:
+    """Refuse pixel data that would make a decoder allocate more than the header says, or read past its end.
+
+    Native data must hold every frame the header announces. A compressed frame's own header (JPEG SOF, JPEG 2000
+    SIZ, RLE segment table) is read to its end and must agree with the DICOM header: decoders allocate what the
+    codestream claims, so a small header over a huge codestream would otherwise bypass the limits. A frame whose
+    header cannot be read is refused, never decoded blind.
     """
     meta = getattr(dataset, "file_meta", None)
     uid = meta.get("TransferSyntaxUID") if meta is not None else None
-    if uid is None or not getattr(uid, "is_encapsulated", False) or "PixelData" not in dataset:
+    if uid is None or not getattr(uid, "is_encapsulated", False):
+        _check_native_length(path, dataset, geometry, photometric)
+        return
+    if "PixelData" not in dataset:
         return
     from pydicom.encaps import get_frame
 
     try:
-        fragment = get_frame(dataset.PixelData, index, number_of_frames=frames)
+        fragment = get_frame(dataset.PixelData, index, number_of_frames=geometry.frames)
     except Exception as error:  # noqa: BLE001
         raise InvalidImageError(path, f"corrupt encapsulated pixel data: {_short(error, dataset)}") from None
-    size = _codestream_size(fragment[:65536])
-    if size is None:
-        return
-    width, height = size
-    check_image_size(path, width, height)
-    if width > columns or height > rows:
-        raise InvalidImageError(
-            path, f"compressed frame claims {width}x{height} pixels, larger than the header's {columns}x{rows}"
-        )
+    try:
+        if str(uid) == _RLE_SYNTAX:
+            _check_rle_segments(path, fragment, geometry)
+            return
+        parse = _FRAME_HEADERS.get(str(uid))
+        if parse is None:
+            raise UnsupportedDicomError(path, f"compressed pixel data in {_transfer_syntax_name(dataset)} cannot be "
+                                              "checked before decoding: not supported")
+        header = parse(fragment)
+        check_end_marker(fragment)
+    except CodestreamError as error:
+        raise InvalidImageError(path, f"compressed frame cannot be read: {error}") from None
+    _check_frame_header(path, header, geometry, limits)
 
 
-_JPEG_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7})
+def _check_native_length(path: str | Path, dataset: Any, geometry: _Geometry, photometric: str) -> None:
+    keyword = next(keyword for keyword in _PIXEL_KEYWORDS if keyword in dataset)
+    expected = geometry.frame_bytes * geometry.frames
+    if photometric == "YBR_FULL_422" and geometry.samples == 3:
+        expected = expected * 2 // 3  # two chroma samples shared by each pair of pixels (PS3.3 C.7.6.3.1.2)
+    available = len(dataset[keyword].value or b"")
+    if available < expected:
+        raise InvalidImageError(path, f"truncated DICOM pixel data: {available} of {expected} bytes")
 
 
-def _codestream_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from a JPEG / JPEG-LS SOF segment or a JPEG 2000 SIZ segment, None when not found."""
-    if data[:2] == b"\xff\xd8":
-        position = 2
-        while position + 9 <= len(data):
-            if data[position] != 0xFF:
-                return None
-            marker = data[position + 1]
-            if marker == 0xFF:
-                position += 1
-                continue
-            (length,) = struct.unpack(">H", data[position + 2 : position + 4])
-            if marker in _JPEG_SOF_MARKERS:
-                height, width = struct.unpack(">HH", data[position + 5 : position + 9])
-                return width, height
-            position += 2 + length
-        return None
-    start = data.find(b"\xff\x4f\xff\x51")
-    if start >= 0 and start + 22 <= len(data):
-        x_size, y_size, x_offset, y_offset = struct.unpack(">IIII", data[start + 8 : start + 24])
-        return max(0, x_size - x_offset), max(0, y_size - y_offset)
-    return None
+def _check_rle_segments(path: str | Path, fragment: bytes, geometry: _Geometry) -> None:
+    segments = len(rle_segment_offsets(fragment))
+    expected = geometry.samples * max(1, geometry.bits_allocated // 8)
+    if segments != expected:
+        raise InvalidImageError(path, f"RLE frame has {segments} segments, the header implies {expected} "
+                                      "(samples per pixel x bytes per sample)")
+
+
+def _check_frame_header(path: str | Path, header: FrameHeader, geometry: _Geometry, limits: ReadLimits) -> None:
+    check_image_size(path, header.width, header.height, limits)
+    if header.width > geometry.columns or header.height > geometry.rows:
+        raise InvalidImageError(path, f"compressed frame claims {header.width}x{header.height} pixels, larger than "
+                                      f"the header's {geometry.columns}x{geometry.rows}")
+    if header.components != geometry.samples:
+        raise InvalidImageError(path, f"compressed frame has {header.components} components, the header says "
+                                      f"SamplesPerPixel {geometry.samples}")
+    if header.precision > max(geometry.bits_allocated, 8):
+        raise InvalidImageError(path, f"compressed frame has {header.precision}-bit samples, more than the header's "
+                                      f"BitsAllocated {geometry.bits_allocated}")
 
 
 # -- messages without patient data -----------------------------------------------------------------------------------
 def _short(error: BaseException, dataset: Any | None = None, limit: int = 240) -> str:
-    text = f"{type(error).__name__}: {error}".strip()
+    text = error_text(error, limit=100_000)
     if dataset is not None:
         for value in sorted(phi_values(dataset), key=len, reverse=True):
             text = text.replace(value, "<redacted>")
