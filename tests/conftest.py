@@ -117,3 +117,17 @@ def demo_like_run(tmp_path_factory) -> Path:
                                 "train.device=cpu", "explain.per_outcome=1"])
     config.name, config.out_dir = "served", str(folder)
     return train_run(config)
+
+
+@pytest.fixture(scope="session")
+def pneumoniamnist_run(tmp_path_factory) -> Path:
+    """The demo recipe trained for two epochs on the real PneumoniaMNIST through the command line: one training
+    shared by the real-data tests of the command line, the evaluation and the domain guard (each trained its own)."""
+    if real_data_dir() is None:
+        pytest.skip("real data not available: set MEDXAI_DATA_DIR to the shared data folder (see its README.md)")
+    from medxai.cli import main
+
+    folder = tmp_path_factory.mktemp("pneumoniamnist")
+    assert main(["train", "--preset", "demo", "--out", str(folder), "--name", "demo2", "--epochs", "2",
+                 "--set", "train.bootstrap_resamples=100", "--set", "explain.per_outcome=1"]) == 0
+    return folder / "demo2"
