@@ -112,23 +112,28 @@ def test_predict_and_explain_skip_bad_files_and_account_for_every_input(syntheti
     buffer = io.BytesIO()
     Image.fromarray(np.full((64, 64), 128, dtype=np.uint8)).save(buffer, format="JPEG")
     (inputs / "truncated.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-    (inputs / ".DS_Store").write_bytes(b"\x00\x01")
+    (inputs / ".DS_Store").write_bytes(b"\x00\x01")  # a hidden file: listed as skipped, not dropped silently
+    (inputs / ".git").mkdir()  # a tool's hidden folder: left out, and said so once
+    (inputs / ".git" / "HEAD").write_text("ref: refs/heads/main")
 
     out = tmp_path / "pred"
     assert main(["predict", str(synthetic_run), str(inputs), "--out", str(out), "--json"]) == 0
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    printed = capsys.readouterr()
+    lines = [json.loads(line) for line in printed.out.splitlines()]
     predicted = [line for line in lines if "label" in line]
     skipped = list(csv.DictReader((out / "skipped.csv").open()))
-    assert len(predicted) == 2 and len(skipped) == 3
-    assert {Path(row["file"]).name for row in skipped} == {"empty.png", "notes.png", "truncated.jpg"}
+    assert len(predicted) == 2 and len(skipped) == 4  # files in = results + skipped
+    assert {Path(row["file"]).name: row["reason"] for row in skipped}[".DS_Store"] == "hidden file"
+    assert {Path(row["file"]).name for row in skipped} == {"empty.png", "notes.png", "truncated.jpg", ".DS_Store"}
     assert all(row["reason"] for row in skipped)
+    assert printed.err.count("left out 1 hidden or system folder") == 1
 
     heatmaps = tmp_path / "heatmaps"
     assert main(["explain", str(synthetic_run), str(inputs), "--out", str(heatmaps), "--npy"]) == 0
     written = sorted(path.name for path in heatmaps.glob("*.png"))
     assert written == ["good_one_png.png", "png_named_jpg.png"]
     assert np.load(heatmaps / "good_one_png.npy").shape == (30, 30)
-    assert len(list(csv.DictReader((heatmaps / "skipped.csv").open()))) == 3
+    assert len(list(csv.DictReader((heatmaps / "skipped.csv").open()))) == 4
 
 
 def test_resume_continues_an_interrupted_cli_run(synthetic_run, tmp_path):
@@ -164,7 +169,7 @@ def test_bad_input_gives_one_clear_line_not_a_traceback(arguments, message, synt
               "one_class": str(tmp_path / "one_class"), "empty_class": str(tmp_path / "empty_class"),
               "other_labels": str(tmp_path / "other_labels")}
     code = main([item.format(**values) for item in arguments])
-    output = capsys.readouterr().out
+    output = capsys.readouterr().err
     assert code != 0
     assert "Traceback" not in output
     if message:

@@ -263,7 +263,7 @@ def test_the_cli_refuses_what_the_ray_engine_cannot_do(arguments, option, tmp_pa
     command, *options = arguments
     code = main([command, str(tmp_path / "no-run"), str(tmp_path),
                  *(item.format(out=tmp_path / "out") for item in options)])
-    output = capsys.readouterr().out
+    output = capsys.readouterr().err
     assert code == 2 and "Traceback" not in output
     assert "error:" in output and option in output and "--engine ray" in output and "no-run" not in output
     assert not (tmp_path / "out").exists()

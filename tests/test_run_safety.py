@@ -11,9 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
 from medxai.cli import main
-from medxai.run_folder import RunFolder, check_folder_name
 from medxai.errors import ConfigError
+from medxai.run_folder import RunFolder, check_folder_name
 
 FAST = ["--set", "train.batch_size=32", "--set", "explain.per_outcome=1", "--set", "train.bootstrap_resamples=0"]
 
@@ -36,7 +39,7 @@ def _copy(run: Path, tmp_path: Path, name: str = "run") -> Path:
 
 
 def _error(capsys) -> str:
-    output = capsys.readouterr().out
+    output = capsys.readouterr().err
     assert "Traceback" not in output
     lines = [line for line in output.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, output
@@ -115,11 +118,104 @@ def test_overwrite_never_deletes_a_folder_that_is_not_a_run(trained, tmp_path, c
 def test_overwrite_replaces_a_run(trained, tmp_path):
     run, data = trained
     copy = _copy(run, tmp_path)
-    (copy / "stale.txt").write_text("old")
+    (copy / "figures" / "roc_old.png").write_bytes(b"a figure of the earlier run")  # medxai's kind of file
+    old_id = json.loads((copy / "medxai_run.json").read_text())["run_id"]
     assert main(["train", "--data", str(data), "--out", str(tmp_path), "--name", "run", "--overwrite", "--epochs",
                  "1", "--size", "28", *FAST]) == 0
-    assert not (copy / "stale.txt").exists()
+    assert not (copy / "figures" / "roc_old.png").exists()
     assert len((copy / "history.csv").read_text().splitlines()) == 2
+    new_id = json.loads((copy / "medxai_run.json").read_text())["run_id"]
+    assert new_id != old_id and len(new_id) == 32  # a new random id, carried by the card and the weights
+    assert json.loads((copy / "model_card.json").read_text())["run_id"] == new_id
+    for name in ("best", "last"):
+        embedded = json.loads(_metadata(copy / "checkpoints" / f"{name}.safetensors")["medxai_model_card"])
+        assert embedded["run_id"] == new_id
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.metadata()
+
+
+def _legacy(run: Path) -> Path:
+    """``run`` as the previous release wrote it: no marker, no run id, weights without the card's digest."""
+    (run / "medxai_run.json").unlink()
+    card = json.loads((run / "model_card.json").read_text())
+    card.pop("run_id")
+    (run / "model_card.json").write_text(json.dumps(card, indent=2))
+    for path in (run / "checkpoints").glob("*.safetensors"):
+        metadata = _metadata(path)
+        if "medxai_model_card" in metadata:
+            embedded = json.loads(metadata["medxai_model_card"])
+            embedded.pop("run_id")
+            save_file(load_file(path), path, {"medxai_model_card": json.dumps(embedded)})
+    return run
+
+
+@pytest.mark.parametrize("case", ["config naming the folder", "copied card", "notes in a run", "notes in figures",
+                                  "another run's card", "legacy run without weights", "legacy run with notes",
+                                  "a link in a run"])
+def test_overwrite_refuses_what_medxai_did_not_provably_write(case, trained, tmp_path, capsys):
+    """Only a folder medxai provably wrote (its marker's run id, carried by card and weights; or, before markers,
+    weights that embed its card) and that holds nothing else is removed; anything else is refused, listed, kept."""
+    run, data = trained
+    folder = tmp_path / "precious2"
+    if case == "config naming the folder":
+        folder.mkdir()
+        (folder / "config.yaml").write_text("name: precious2\n")  # RunConfig.from_dict fills in every default
+    elif case == "copied card":
+        folder.mkdir()
+        shutil.copy(run / "model_card.json", folder)
+    else:
+        _copy(run, tmp_path, "precious2")
+        if case == "another run's card":
+            card = json.loads((folder / "model_card.json").read_text())
+            (folder / "model_card.json").write_text(json.dumps({**card, "run_id": "0" * 32}))
+        elif case == "legacy run without weights":
+            shutil.rmtree(_legacy(folder) / "checkpoints")
+        elif case == "legacy run with notes":
+            _legacy(folder)
+        elif case == "a link in a run":
+            (folder / "figures" / "data").symlink_to(tmp_path)
+    mine = {"notes in figures": folder / "figures" / "notes.txt"}.get(case, folder / "notes.txt")
+    if case != "a link in a run":
+        mine.write_text("years of work")
+    before = sorted(path.relative_to(folder) for path in folder.rglob("*"))
+    assert main(["train", "--data", str(data), "--out", str(tmp_path), "--name", "precious2", "--overwrite",
+                 "--epochs", "1", *FAST]) == 2
+    line = _error(capsys)
+    assert "refusing to delete" in line
+    if case in ("notes in a run", "notes in figures", "legacy run with notes", "a link in a run"):
+        listed = {"notes in figures": "figures/notes.txt", "a link in a run": "figures/data"}.get(case, "notes.txt")
+        assert f"did not write ({listed})" in line
+    else:
+        assert "not a medxai run folder" in line
+    assert sorted(path.relative_to(folder) for path in folder.rglob("*")) == before
+
+
+def test_a_run_of_the_previous_release_is_replaced_when_its_weights_vouch_for_it(trained, tmp_path):
+    run, data = trained
+    copy = _legacy(_copy(run, tmp_path))
+    assert main(["train", "--data", str(data), "--out", str(tmp_path), "--name", "run", "--overwrite", "--epochs",
+                 "1", "--size", "28", *FAST]) == 0
+    assert (copy / "medxai_run.json").is_file()  # a run of this release now
+
+
+def test_a_restarted_ddp_job_starts_again_only_in_a_folder_medxai_wrote(trained, tmp_path, monkeypatch):
+    """After a torchrun restart, a folder without a checkpoint is started again (deleted) only when provably the
+    failed attempt's; a user's folder whose config.yaml names it is left to the usual refusal."""
+    from medxai.jobs import train as train_job
+
+    monkeypatch.setattr(train_job.distributed, "restart_count", lambda: 1)
+    precious = tmp_path / "precious2"
+    precious.mkdir()
+    (precious / "config.yaml").write_text("name: precious2\n")
+    (precious / "notes.txt").write_text("years of work")
+    assert train_job._after_restart(RunFolder(precious), False, False) == (False, False)
+    begun = RunFolder(tmp_path / "begun")
+    begun.prepare_new(overwrite=False)  # what the failed attempt wrote first
+    (begun.path / "config.yaml").write_text((trained[0] / "config.yaml").read_text())
+    assert train_job._after_restart(begun, False, False) == (False, True)
 
 
 def test_without_overwrite_an_existing_run_is_refused(trained, capsys):

@@ -115,7 +115,8 @@ def evaluate_run(
     inference = inference or InferenceConfig()
     run = RunFolder(run_dir)
     run.check_is_run()
-    classifier = Classifier.from_run(run.path, device=inference.device, batch_size=inference.batch_size)
+    classifier = Classifier.from_run(run.path, device=inference.device, batch_size=inference.batch_size,
+                                     allow_unfinished=inference.allow_unfinished)
     card = classifier.card
     source = open_source(data, patient_pattern=patient_pattern, split_folders=split_folders)
     label_mapping = match_labels(source.label_names, card.label_names, label_map, where=str(data))
