@@ -222,3 +222,54 @@ def test_short_kermany_run_at_reduced_size_and_full_resolution_explanation(data_
     assert main(["explain", str(run), str(fullres), "--out", str(out)]) == 0
     overlay = Image.open(next(out.glob("*.png")))
     assert overlay.size == Image.open(fullres).size  # the heatmap lies over the ORIGINAL resolution
+
+
+# -- every error from what the user wrote is one line and exit 2 -----------------------------------------------------
+NESTED = "[" * 5000
+
+
+@pytest.mark.parametrize("case", [
+    "set: unclosed list", "set: python tag", "set: alias", "set: nested too deeply", "set: numbers as keys",
+    "set: a list for text", "preset: python tag", "preset: not UTF-8", "preset: nested too deeply",
+    "split folders", "label map", "resume: python tag in config.yaml", "resume: nested config.yaml",
+    "ensemble: nested config.yaml", "predict: nested model card", "predict: card of the wrong types",
+])
+def test_bad_text_from_the_user_is_one_error_line_and_exit_2(case, synthetic_run, tmp_path, capsys):
+    """The review's case: ``--set "data.val_fraction=[1"`` (or a ``!!python/object`` tag) ended in a YAML traceback
+    and exit 1. Every place user text is parsed (--set, a preset file, --split-folders, --label-map, a run's
+    config.yaml and model card read by any command) answers with one ``error:`` line on stderr and exit 2."""
+    data = next(synthetic_run.parent.glob("*.npz"))
+    run = tmp_path / "run"
+    shutil.copytree(synthetic_run, run)
+    preset = tmp_path / "preset.yaml"
+    train = ["train", "--data", str(data), "--out", str(tmp_path), "--name", "fresh"]
+    kind, _, detail = case.partition(": ")
+    if kind == "set":
+        value = {"unclosed list": "data.val_fraction=[1", "python tag": "model.name=!!python/object/apply:os.getcwd []",
+                 "alias": "explain.tta=[&a x, *a]", "nested too deeply": f"data.val_fraction={NESTED}",
+                 "numbers as keys": "data={1: 2}", "a list for text": "model.name=[a, b]"}[detail]
+        command = [*train, "--set", value]
+    elif kind == "preset":
+        preset.write_bytes({"python tag": b"model: {name: !!python/object/apply:os.getcwd []}\n",
+                            "not UTF-8": b"model:\n  name: \xff\xfe\n", "nested too deeply": NESTED.encode()}[detail])
+        command = [*train, "--preset", str(preset)]
+    elif kind == "split folders":
+        command = ["check-data", str(tmp_path), "--split-folders", "train"]
+    elif kind == "label map":
+        command = ["evaluate", str(run), "--data", str(data), "--label-map", "a"]
+    elif kind in ("resume", "ensemble"):
+        (run / "config.yaml").write_text("name: run\ndata: !!python/object/apply:os.getcwd []\n"
+                                         if detail == "python tag" else NESTED)
+        command = (["train", "--resume", "--out", str(tmp_path), "--name", "run"] if kind == "resume" else
+                   ["ensemble", str(run), str(synthetic_run), "--name", "fresh", "--out", str(tmp_path)])
+    else:
+        card = json.loads((run / "model_card.json").read_text())
+        (run / "model_card.json").write_text(NESTED if detail == "nested model card" else
+                                             json.dumps({**card, "label_names": 2, "num_classes": "2"}))
+        command = ["predict", str(run), str(data)]
+    assert main(command) == 2
+    printed = capsys.readouterr()
+    lines = printed.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), printed.err
+    assert "Traceback" not in printed.out + printed.err
+    assert not (tmp_path / "fresh").exists()

@@ -245,3 +245,72 @@ def test_a_run_folder_may_not_overlap_its_data(tmp_path, capsys):
     assert "overlaps the data" in _error(capsys)
     assert sorted(path.name for path in data.iterdir()) == ["normal", "pneumonia"]  # no run folder in the data
     assert json.dumps(sorted(path.name for path in tmp_path.iterdir())) == '["data"]'
+
+
+# -- outputs never go into the inputs or into a run ------------------------------------------------------------------
+def _state(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(path.relative_to(folder)): (path.lstat().st_size, path.lstat().st_mtime_ns)
+            for path in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("command", [
+    ["explain", "{run}", "{inputs}", "--out", "{inputs}/maps"],  # the review's case: it explained its own overlays
+    ["predict", "{run}", "{inputs}", "--out", "{run}"],  # the review's case: it overwrote the run's skipped.csv
+    ["predict", "{run}", "{inputs}", "--out", "{inputs}"],
+    ["predict", "{run}", "{inputs}/sub/b.png", "--out", "{inputs}"],  # contains an input file
+    ["predict", "{run}", "{inputs}", "--out", "{link}/preds"],  # a link to the inputs, resolved
+    ["predict", "{run}", "{inputs}", "--out", "{run}/evaluations/preds"],
+    ["predict", "{run}", "{inputs}", "--out", "{runs}/other/preds"],  # inside any run, not only the one used
+    ["predict", "{run}", "{inputs}", "--out", "{runs}"],  # contains a run
+    ["explain", "{run}", "{inputs}", "--out", "{inputs}/maps", "--engine", "ray"],
+    ["check-data", "{inputs}", "--out", "{inputs}/check.json"],
+    ["check-data", "{inputs}", "--out", "{run}/check.json"],
+    ["audit", "{run}", "--out", "{run}/audit.csv"],
+    ["report", "{run}", "--out", "{runs}/other/figures/report.html"],
+    ["export", "{run}", "--out", "{inputs}/model.onnx", "--images", "{inputs}"],
+    ["export", "{run}", "--out", "{runs}/other/model.onnx"],
+    ["train", "--data", "{data}", "--out", "{run}", "--name", "nested"],  # a run inside a run
+])
+def test_no_command_writes_into_its_inputs_or_into_a_run(command, trained, tmp_path, capsys):
+    run, data = trained
+    inputs = tmp_path / "in"
+    (inputs / "sub").mkdir(parents=True)
+    for name in ("a.png", "sub/b.png"):
+        Image.fromarray(np.full((28, 28), 90, dtype=np.uint8)).save(inputs / name)
+    (tmp_path / "link").symlink_to(inputs)
+    copy, other = _copy(run, tmp_path), _copy(run, tmp_path / "runs", "other")
+    values = {"run": copy, "inputs": inputs, "link": tmp_path / "link", "runs": tmp_path / "runs", "data": data}
+    before = _state(tmp_path)
+    assert main([str(item).format(**values) for item in command]) == 2
+    line = _error(capsys)
+    assert "overlaps" in line or "inside the run folder" in line or "contains the run folder" in line
+    assert _state(tmp_path) == before  # nothing written, nothing replaced
+
+
+def test_an_unfinished_run_is_used_only_when_asked(trained, tmp_path, capsys):
+    """A run killed after an epoch (weights and card of training, no calibration, threshold, guard or
+    metrics.json) refuses predict, explain, evaluate, export and serve unless --allow-unfinished, and says what is
+    missing."""
+    from medxai.config import ServeConfig
+    from medxai.errors import CheckpointError
+    from medxai.serve.engine import Engine
+
+    run, data = trained
+    copy = _copy(run, tmp_path)
+    training_card = json.loads(_metadata(copy / "checkpoints" / "last.safetensors")["medxai_model_card"])
+    (copy / "model_card.json").write_text(json.dumps(training_card, indent=2))
+    shutil.copy(copy / "checkpoints" / "last.safetensors", copy / "checkpoints" / "best.safetensors")
+    for name in ("metrics.json", "checkpoints/domain_guard.safetensors", "report.html"):
+        (copy / name).unlink()
+    image = tmp_path / "film.png"
+    Image.fromarray(np.full((28, 28), 90, dtype=np.uint8)).save(image)
+    for command in (["predict", str(copy), str(image)], ["explain", str(copy), str(image), "--out", str(tmp_path / "m")],
+                    ["evaluate", str(copy), "--data", str(data)], ["export", str(copy)]):
+        assert main(command) == 2
+        line = _error(capsys)
+        assert "unfinished run" in line and "no metrics.json, calibration, operating threshold, domain guard" in line
+        assert "--resume" in line and "--allow-unfinished" in line
+    with pytest.raises(CheckpointError, match="unfinished"):
+        Engine.load(copy, ServeConfig(device="cpu"))
+    assert main(["predict", str(copy), str(image), "--allow-unfinished", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["decision_rule"] == "argmax"  # no threshold was chosen

@@ -50,7 +50,7 @@ def label_key(name: str) -> str:
 
 
 def parse_label_map(pairs: Sequence[str] | Mapping[str, str] | None) -> dict[str, str]:
-    """``["DATA=MODEL", ...]`` (the repeatable ``--label-map`` option) as a mapping; a mapping is returned as is.
+    """``["DATA=MODEL", ...]`` (the repeatable ``--label-map`` option), or a mapping, as a checked mapping.
 
     Raises:
         ConfigError: an item without ``=`` or with an empty side, or a data label mapped twice to different model
@@ -58,19 +58,23 @@ def parse_label_map(pairs: Sequence[str] | Mapping[str, str] | None) -> dict[str
     """
     if pairs is None:
         return {}
-    if isinstance(pairs, Mapping):
-        return {str(key): str(value) for key, value in pairs.items()}
+    items = pairs.items() if isinstance(pairs, Mapping) else (_split_pair(pair) for pair in pairs)
     mapping: dict[str, str] = {}
-    for pair in pairs:
-        data, separator, model = str(pair).partition("=")
-        data, model = data.strip(), model.strip()
-        if not separator or not data or not model:
-            raise ConfigError(f"--label-map {pair!r} must look like DATA_LABEL=MODEL_LABEL")
+    for data, model in items:
+        data, model = str(data).strip(), str(model).strip()
         earlier = next((key for key in mapping if label_key(key) == label_key(data)), None)
         if earlier is not None and label_key(mapping[earlier]) != label_key(model):
             raise ConfigError(f"--label-map maps data label {data!r} twice ({mapping[earlier]!r} and {model!r})")
         mapping[data] = model
     return mapping
+
+
+def _split_pair(pair: str) -> tuple[str, str]:
+    """``"DATA=MODEL"`` as ``(DATA, MODEL)``; ConfigError when a side is missing."""
+    data, separator, model = str(pair).partition("=")
+    if not separator or not data.strip() or not model.strip():
+        raise ConfigError(f"--label-map {pair!r} must look like DATA_LABEL=MODEL_LABEL")
+    return data, model
 
 
 def match_labels(
@@ -107,10 +111,11 @@ def match_labels(
         by_key.setdefault(label_key(name), []).append(index)
     sides = f"data labels {list(data_labels)}, model labels {models}"
     data_keys = {label_key(name) for name in data_labels}
-    stray = sorted(data for data in mapping if data not in data_labels and label_key(data) not in data_keys)
+    stray = sorted(data for data in mapping if label_key(data) not in data_keys)
     if stray:
         raise DataError(f"{where}: --label-map names {stray}, which are not data labels ({sides})")
-    mapped = {name: _mapped_to(name, mapping) for name in data_labels}
+    by_data_key = {label_key(data): model for data, model in mapping.items()}  # parse_label_map: one model each
+    mapped = {name: by_data_key.get(label_key(name)) for name in data_labels}
 
     result: dict[int, int] = {}
     unknown, ambiguous = [], []
@@ -140,14 +145,6 @@ def match_labels(
         logger.info("%s: labels mapped to the model's: %s", where,
                     ", ".join(f"{data} -> {model}" for data, model in renamed.items()))
     return result
-
-
-def _mapped_to(name: str, mapping: Mapping[str, str]) -> str | None:
-    """The model label ``mapping`` gives the data label ``name``: the pair naming it exactly, else the pair naming
-    it as :func:`label_key` compares; None when no pair names it."""
-    if name in mapping:
-        return mapping[name]
-    return next((model for data, model in mapping.items() if label_key(data) == label_key(name)), None)
 
 
 def label_words(name: str) -> list[str]:
