@@ -180,7 +180,9 @@ def test_an_output_of_the_previous_release_is_not_resumed_under_other_names(demo
     (out / "naming.json").unlink()
     with pytest.raises(ConfigError, match="none of the 6 result"):
         predict_files(demo_like_run, [inputs], out=out, keep=False, hash_names=True, resume=True)
-    assert len(csv_rows(out / "predictions.csv")) == 6
+    assert len(csv_rows(out / "predictions.csv")) == 6 and not (out / "naming.json").exists()  # nothing changed
+    assert predict_files(demo_like_run, [inputs], out=out, keep=False, resume=True).done == 6
+    assert json.loads((out / "naming.json").read_text()) == {"names": "paths"}
 
 
 #: File names a batch job must carry through CSV, Parquet and --resume unchanged: quotes, commas, line breaks, and
@@ -237,7 +239,7 @@ def test_a_torn_last_record_is_cut_at_a_record_boundary_whatever_its_quoting(tmp
     from medxai.jobs.results import ResultsJournal
 
     columns = prediction_columns(["normal", "pneumonia"])
-    naming = InputNames([]).naming
+    names = InputNames([])
 
     def row(name: str) -> dict:
         return {"file": name, "prediction": "normal", "p_normal": 0.75, "p_pneumonia": 0.25,
@@ -245,7 +247,7 @@ def test_a_torn_last_record_is_cut_at_a_record_boundary_whatever_its_quoting(tmp
                 "domain_reasons": 'unexpected "body part", modality'}
 
     whole = tmp_path / "whole"
-    with ResultsJournal(whole, columns, naming=naming) as journal:
+    with ResultsJournal(whole, columns, names) as journal:
         journal.write([row(name) for name in HOSTILE_NAMES])
         journal.close()
     data = (whole / "predictions.csv").read_bytes()
@@ -255,7 +257,7 @@ def test_a_torn_last_record_is_cut_at_a_record_boundary_whatever_its_quoting(tmp
         folder = tmp_path / f"cut{cut}"
         folder.mkdir()
         (folder / "predictions.csv").write_bytes(data[:cut])
-        with ResultsJournal(folder, columns, naming=naming, resume=True) as journal:
+        with ResultsJournal(folder, columns, names, resume=True) as journal:
             complete = cut == len(data)
             assert journal.done == set(HOSTILE_NAMES if complete else HOSTILE_NAMES[:-1]), cut
             journal.write([row(name) for name in HOSTILE_NAMES if name not in journal.done])

@@ -18,8 +18,9 @@ only ever removes a folder that medxai provably wrote and that holds nothing els
 a run folder never overlaps the data it was made from, and no command writes its output into its inputs or into a
 run folder (:func:`check_output_location`).
 
-This module sits between the model stage and training in the pipeline's order: it may import ``config``, ``errors``
-and ``models.card``, and every later stage and job may import it.
+This module sits between the model stage and training in the pipeline's order: it may import ``config``, ``errors``,
+``models.card`` and ``models.checkpoint`` (the card a weights file embeds), and every later stage and job may import
+it.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ __all__ = [
     "spreadsheet_text",
     "unspreadsheet_text",
     "write_skipped",
+    "skipped_row",
     "read_skipped",
     "write_split_lists",
     "read_split_lists",

@@ -143,7 +143,7 @@ def predict_files(
                                          backend=backend, allow_unfinished=inference.allow_unfinished)
         label_names = classifier.label_names
         journal = None if out is None else stack.enter_context(
-            ResultsJournal(out, prediction_columns(label_names), naming=names.naming, resume=resume))
+            ResultsJournal(out, prediction_columns(label_names), names, resume=resume))
         result = BatchResult(classifier, len(names))
 
         def predict(files: list[InputFile]) -> list[Prediction]:
@@ -162,7 +162,7 @@ def predict_files(
             if on_results is not None:
                 on_results(predictions, skipped)
 
-        listed, todo = journal.pending(names) if journal is not None else (names.skipped, names.files)
+        listed, todo = journal.pending() if journal is not None else (names.skipped, names.files)
         deliver([], listed)
         for predictions, skipped in _stream(names, todo, predict, chunk_size(classifier.batch_size), "predict"):
             deliver(predictions, skipped)
@@ -212,8 +212,7 @@ def explain_files(
         classifier = Classifier.from_run(run_dir, device=inference.device, batch_size=inference.batch_size,
                                          tta=parse_tta(explain.tta), allow_unfinished=inference.allow_unfinished)
         label_names = classifier.label_names
-        journal = stack.enter_context(ResultsJournal(folder, prediction_columns(label_names), naming=names.naming,
-                                                     resume=resume))
+        journal = stack.enter_context(ResultsJournal(folder, prediction_columns(label_names), names, resume=resume))
         result = BatchResult(classifier, len(names))
         stems = {file.name: file for file in names.files}
         workers = writers or _writer_threads()
@@ -231,7 +230,7 @@ def explain_files(
             return classifier.explain([file.path for file in files], ids=[file.name for file in files],
                                       method=explain.method, target=target, layer=explain.layer)
 
-        listed, todo = journal.pending(names)
+        listed, todo = journal.pending()
         journal.write([], listed)
         for explanations, skipped in _stream(names, todo, explain_batch, chunk_size(classifier.batch_size, explaining=True),
                                              "explain"):

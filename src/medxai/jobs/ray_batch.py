@@ -138,9 +138,9 @@ def predict_with_ray(
     folder = Path(out)
     names = InputNames(items, hash_names=hash_names)
     result = RayBatchResult(inputs=len(names))
-    with names.redacted_logs(), ResultsJournal(folder, prediction_columns(label_names), naming=names.naming,
+    with names.redacted_logs(), ResultsJournal(folder, prediction_columns(label_names), names,
                                                 resume=resume) as journal:
-        listed, todo = journal.pending(names)
+        listed, todo = journal.pending()
         journal.write([], listed)
         if todo:
             with ray_session(address) as ray:

@@ -17,7 +17,7 @@ import csv
 import json
 import logging
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,20 +55,21 @@ class ResultsJournal:
     Args:
         folder: the output folder (created).
         columns: the prediction rows' columns, ``file`` first.
-        naming: how the job names its inputs (:attr:`~medxai.jobs.names.InputNames.naming`).
+        names: the job's inputs, named (their naming is recorded, and checked on ``resume``).
         resume: keep the rows already there and report their inputs as :attr:`done`; otherwise start both files
             afresh.
 
     Raises:
-        ConfigError: resuming into a ``predictions.csv`` with other columns (another model's labels), or into a
-            folder whose inputs were named otherwise (``--hash-names``, ``MEDXAI_HASH_KEY``).
+        ConfigError: resuming into a ``predictions.csv`` with other columns (another model's labels), into a folder
+            whose inputs were named otherwise (``--hash-names``, ``MEDXAI_HASH_KEY``), or into one whose results
+            are none of these inputs (an output of an earlier release named otherwise, or of other inputs).
     """
 
-    def __init__(self, folder: str | Path, columns: Sequence[str], *, naming: Mapping[str, str],
-                 resume: bool = False) -> None:
+    def __init__(self, folder: str | Path, columns: Sequence[str], names: InputNames, *, resume: bool = False) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.columns = list(columns)
+        self.names = names
         self.predictions_path = self.folder / PREDICTIONS_FILE
         self.skipped_path = self.folder / SKIPPED_FILE
         self.naming_path = self.folder / NAMING_FILE
@@ -77,24 +78,25 @@ class ResultsJournal:
         self.skipped: list[tuple[str, str]] = []
         self._text_columns = [index for index, name in enumerate(self.columns) if _column_kind(name) == "text"]
         if resume:
-            self._check_naming(dict(naming))
+            self._check_naming()
             self._read_previous()
-        _write_naming(self.naming_path, dict(naming))
+            self._check_results_are_these_inputs()
+        _write_naming(self.naming_path, names.naming)
         self._predictions = self._open(self.predictions_path, self.columns, resume)
         self._skipped = self._open(self.skipped_path, _SKIPPED_COLUMNS, resume)
 
-    def _check_naming(self, naming: dict[str, str]) -> None:
+    def _check_naming(self) -> None:
         if not self.naming_path.is_file():
-            return  # an output of an earlier release: pending() still refuses one that shares no input
+            return  # an output of an earlier release: _check_results_are_these_inputs still applies
         try:
             recorded = json.loads(self.naming_path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, ValueError, RecursionError):
             recorded = None
-        if recorded != naming:
+        if recorded != self.names.naming:
             raise ConfigError(
                 f"{self.folder} holds results whose inputs were named {_naming_words(recorded)}, and this job names "
-                f"them {_naming_words(naming)}: resuming would mix the two. Resume with the same --hash-names and "
-                f"{HASH_KEY_ENV}, or use another --out"
+                f"them {_naming_words(self.names.naming)}: resuming would mix the two. Resume with the same "
+                f"--hash-names and {HASH_KEY_ENV}, or use another --out"
             )
 
     def _read_previous(self) -> None:
@@ -118,19 +120,16 @@ class ResultsJournal:
             logger.info("resuming: %d input(s) already in %s and %s", len(self.done), self.predictions_path.name,
                         self.skipped_path.name)
 
-    def pending(self, names: InputNames) -> tuple[list[tuple[str, str]], list[InputFile]]:
-        """What is left to do: the entries skipped while listing and the files, of those not in either file yet.
-
-        Raises:
-            ConfigError: the folder holds results of which none is among these inputs (other inputs, or inputs
-                named otherwise by an earlier release that kept no ``naming.json``).
-        """
-        every_name = {file.name for file in names.files} | {name for name, _ in names.skipped}
+    def _check_results_are_these_inputs(self) -> None:
+        every_name = {file.name for file in self.names.files} | {name for name, _ in self.names.skipped}
         if self.done and every_name and not self.done & every_name:
             raise ConfigError(f"none of the {len(self.done)} result(s) in {self.folder} is one of this job's inputs "
-                              "(other inputs, or another --hash-names / MEDXAI_HASH_KEY); use another --out")
-        return ([entry for entry in names.skipped if entry[0] not in self.done],
-                [file for file in names.files if file.name not in self.done])
+                              f"(other inputs, or another --hash-names / {HASH_KEY_ENV}); use another --out")
+
+    def pending(self) -> tuple[list[tuple[str, str]], list[InputFile]]:
+        """What is left to do: the entries skipped while listing, and the files, that are in neither file yet."""
+        return ([entry for entry in self.names.skipped if entry[0] not in self.done],
+                [file for file in self.names.files if file.name not in self.done])
 
     @staticmethod
     def _open(path: Path, columns: Sequence[str], append: bool):
