@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from medxai.config import DataConfig, RunConfig, TrainConfig, parse_yaml, save_config
+from medxai.data.readers import is_hidden_or_system
 from medxai.data.sources.base import SPLIT_NAMES
 from medxai.errors import CheckpointError, ConfigError, DataError, MedxaiError
 from medxai.models.card import ModelCard
@@ -833,10 +834,12 @@ def _enclosing_run(path: str | Path) -> Path | None:
 
 
 def _run_below(path: Path) -> Path | None:
-    """A medxai run folder somewhere below ``path`` (links not followed), if any."""
+    """A medxai run folder somewhere below ``path``, if any (links not followed; hidden and system folders such as
+    ``.git`` or a ``.venv`` are not searched: no run lies there, and they can hold many thousands of files)."""
     if not path.is_dir():
         return None
     for folder, subfolders, files in os.walk(path):
+        subfolders[:] = [name for name in subfolders if not is_hidden_or_system(name)]
         if folder != str(path) and {RUN_MARKER_FILE, MODEL_CARD_FILE, CONFIG_FILE} & set(files) \
                 and RunFolder(folder).is_run():
             return Path(folder)
