@@ -282,3 +282,16 @@ def test_a_job_killed_inside_a_quoted_line_break_resumes_to_every_input_once(whe
     assert result.done == len(HOSTILE_NAMES)
     assert sorted(_parquet_files(out)) == sorted(str(inputs / name) for name in HOSTILE_NAMES)
     assert (out / "predictions.csv").read_bytes() == data
+
+
+def test_the_ray_engine_refuses_a_resume_named_otherwise_before_ray_starts(demo_like_run, tmp_path):
+    pytest.importorskip("ray.data", reason="the ray extra is not installed (pip install 'medxai[ray]')")
+    from medxai.jobs.ray_batch import predict_with_ray
+
+    inputs = blob_files(tmp_path / "in", 4)
+    out = tmp_path / "out"
+    predict_files(demo_like_run, [inputs], out=out, keep=False)
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    with pytest.raises(ConfigError, match="named by their paths.*--hash-names"):
+        predict_with_ray(demo_like_run, [inputs], out, hash_names=True, resume=True, device="cpu")
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before

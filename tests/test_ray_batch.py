@@ -51,8 +51,8 @@ def chest_films() -> list[Path]:
 
 @pytest.fixture(scope="module")
 def odd_inputs(tmp_path_factory) -> Path:
-    """A folder of what a batch job must account for: a broken PNG and a text file (unreadable), a named pipe
-    (skipped while listing), and a hidden file (clutter: not an input at all)."""
+    """A folder of what a batch job must account for: a broken PNG and a text file (unreadable), a named pipe and a
+    hidden file (skipped while listing, never opened)."""
     folder = tmp_path_factory.mktemp("odd")
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
     (folder / "notes.txt").write_text("not an image\n")
@@ -94,9 +94,9 @@ def test_predictions_equal_the_single_process_job(run, chest_films, odd_inputs, 
 
     assert result.skipped == reference.skipped
     assert [name for name, _ in result.skipped] == [str(odd_inputs / name) for name in
-                                                   ("pipe.png", "broken.png", "notes.txt")]
+                                                   (".hidden.png", "pipe.png", "broken.png", "notes.txt")]
     assert _csv_rows(tmp_path / "ray" / "skipped.csv") == _csv_rows(tmp_path / "single" / "skipped.csv")
-    assert result.inputs == reference.inputs == 303 == result.predicted + len(result.skipped)
+    assert result.inputs == reference.inputs == 304 == result.predicted + len(result.skipped)
     assert (result.predicted, result.actors, result.gpus_per_actor) == (300, 2, 0.0)
     assert sorted(path.name for path in result.files) == sorted(path.name for path in reference.files)
 
@@ -229,7 +229,7 @@ def _loopback(address: str) -> bool:
 def test_a_missing_ray_is_a_config_error_naming_the_extra(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray now raises ImportError
     with pytest.raises(ConfigError, match=r"pip install 'medxai\[ray\]'"):  # before the run folder is looked at
-        predict_with_ray(tmp_path / "no-run", [tmp_path], tmp_path / "out")
+        predict_with_ray(tmp_path / "no-run", [tmp_path / "in"], tmp_path / "out")
 
 
 def _csv_predictions(path: Path) -> list[dict]:
@@ -254,8 +254,8 @@ def test_the_cli_engine_ray_writes_what_the_local_predict_writes(run, chest_film
     printed = capsys.readouterr().out
     assert main(["predict", str(run), *items, "--out", str(tmp_path / "local"), *options]) == 0
 
-    assert "40 predicted, 3 skipped, 43 inputs, on 1 Ray actor(s) (CPU)" in " ".join(printed.split())
-    assert "skipped 3 file(s)" in printed  # the skipped list's table
+    assert "40 predicted, 4 skipped, 44 inputs, on 1 Ray actor(s) (CPU)" in " ".join(printed.split())
+    assert "skipped 4 file(s)" in printed  # the skipped list's table
     assert str(tmp_path / "ray" / "predictions.parquet") in "".join(printed.split())  # rich folds long paths
     assert _csv_rows(tmp_path / "ray" / "predictions.csv")[0] == _csv_rows(tmp_path / "local" / "predictions.csv")[0]
     rows, expected = (_csv_predictions(tmp_path / name / "predictions.csv") for name in ("ray", "local"))

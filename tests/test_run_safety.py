@@ -134,7 +134,7 @@ def test_overwrite_replaces_a_run(trained, tmp_path):
 
 def _metadata(path: Path) -> dict[str, str]:
     with safe_open(str(path), framework="pt") as handle:
-        return handle.metadata()
+        return handle.metadata() or {}
 
 
 def _legacy(run: Path) -> Path:
