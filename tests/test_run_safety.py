@@ -270,7 +270,7 @@ def _state(folder: Path) -> dict[str, tuple[int, int]]:
     ["export", "{run}", "--out", "{inputs}/model.onnx", "--images", "{inputs}"],
     ["export", "{run}", "--out", "{runs}/other/model.onnx"],
     ["train", "--data", "{data}", "--out", "{run}", "--name", "nested"],  # a run inside a run
-])
+], ids=lambda command: " ".join(command).replace("{", "").replace("}", ""))
 def test_no_command_writes_into_its_inputs_or_into_a_run(command, trained, tmp_path, capsys):
     run, data = trained
     inputs = tmp_path / "in"
