@@ -4,6 +4,7 @@ exactly once, explain's overlays written by worker threads with each row after i
 from __future__ import annotations
 
 import csv
+import json
 import signal
 import subprocess
 import sys
@@ -140,3 +141,156 @@ def test_explain_streams_overlays_and_rows_and_resumes(demo_like_run, tmp_path):
     assert len(names) == len(set(names)) == 21
     rewritten = [name for name, stamp in first.items() if (out / name).stat().st_mtime_ns != stamp]
     assert len(rewritten) == 11
+
+
+# -- how inputs are named, and file names that are hostile to CSV --------------------------------------------------
+def test_a_resume_that_would_name_inputs_otherwise_is_refused(demo_like_run, tmp_path, monkeypatch):
+    """The review's case: a killed ``predict --out D`` resumed with --hash-names (or another MEDXAI_HASH_KEY) wrote
+    real names and pseudonyms mixed, more rows than inputs. The output records its naming; a resume naming inputs
+    otherwise is refused and changes nothing; the same naming resumes to every input exactly once."""
+    inputs = blob_files(tmp_path / "in", 8, bad=1)
+    monkeypatch.setenv("MEDXAI_HASH_KEY", "first key")
+    for job, hashed, refused in (
+        (predict_files, False, [{"hash_names": True}]),
+        (explain_files, True, [{"hash_names": False}, {"hash_names": True, "key": "another key"}]),
+    ):
+        out = tmp_path / job.__name__
+        job(demo_like_run, [inputs], out=out, keep=False, hash_names=hashed)
+        lines = (out / "predictions.csv").read_text().splitlines(keepends=True)
+        (out / "predictions.csv").write_text("".join(lines[:4]))  # killed after 3 rows
+        before = {path.name: path.read_bytes() for path in out.iterdir()}
+        for options in refused:
+            monkeypatch.setenv("MEDXAI_HASH_KEY", options.get("key", "first key"))
+            with pytest.raises(ConfigError, match="named by (their paths|pseudonyms).*--hash-names"):
+                job(demo_like_run, [inputs], out=out, keep=False, hash_names=options["hash_names"], resume=True)
+            assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+        monkeypatch.setenv("MEDXAI_HASH_KEY", "first key")
+        result = job(demo_like_run, [inputs], out=out, keep=False, hash_names=hashed, resume=True)
+        names = [row["file"] for row in csv_rows(out / "predictions.csv")] + skipped_names(out / "skipped.csv")
+        assert len(names) == len(set(names)) == 9 == result.done + len(result.skipped)
+
+
+def test_an_output_of_the_previous_release_is_not_resumed_under_other_names(demo_like_run, tmp_path):
+    """Without a naming record (written before it existed), a folder none of whose results is among this job's
+    inputs is refused rather than appended to."""
+    inputs = blob_files(tmp_path / "in", 6)
+    out = tmp_path / "out"
+    predict_files(demo_like_run, [inputs], out=out, keep=False)
+    (out / "naming.json").unlink()
+    with pytest.raises(ConfigError, match="none of the 6 result"):
+        predict_files(demo_like_run, [inputs], out=out, keep=False, hash_names=True, resume=True)
+    assert len(csv_rows(out / "predictions.csv")) == 6 and not (out / "naming.json").exists()  # nothing changed
+    assert predict_files(demo_like_run, [inputs], out=out, keep=False, resume=True).done == 6
+    assert json.loads((out / "naming.json").read_text()) == {"names": "paths"}
+
+
+#: File names a batch job must carry through CSV, Parquet and --resume unchanged: quotes, commas, line breaks, and
+#: beginnings a spreadsheet would run as a formula.
+HOSTILE_NAMES = ['=HYPERLINK("x";"y").png', "+1.png", "-2.png", "@SUM(A1).png", "'quoted.png",
+                 'say "hi", bye.png', "tab\there.png", "line\nbreak.png", "z last\nrow, \"quoted\".png"]
+
+
+def _hostile_inputs(folder: Path) -> Path:
+    blob_files(folder, len(HOSTILE_NAMES))
+    for source, name in zip(sorted(folder.iterdir()), HOSTILE_NAMES):
+        source.rename(folder / name)
+    (folder / "=bad.png").write_text("not an image")
+    return folder
+
+
+def _parquet_files(folder: Path) -> list[str]:
+    pyarrow_parquet = pytest.importorskip("pyarrow.parquet")
+    return pyarrow_parquet.read_table(folder / PARQUET_FILE).column("file").to_pylist()
+
+
+def test_file_names_that_are_formulas_are_written_as_text_and_read_back_true(demo_like_run, tmp_path, capsys,
+                                                                             monkeypatch):
+    """OWASP CSV injection: a text cell beginning with = + - @ tab or CR is written after a single quote (and one
+    beginning with a quote gets one too); Parquet and --json keep the true names; --resume reads the quoted cells
+    back as the names they are, so every input ends up exactly once."""
+    from medxai.cli import main
+
+    inputs = _hostile_inputs(tmp_path / "in")
+    monkeypatch.chdir(inputs)  # relative names: the cells begin with the names themselves
+    names = [*HOSTILE_NAMES, "=bad.png"]
+    options, positional = ["--device", "cpu", "--out", str(tmp_path / "out")], ["--", str(demo_like_run), *names]
+    assert main(["predict", *options, "--json", *positional]) == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert sorted(line["id"] for line in printed) == sorted(names)  # --json: the true names
+    cells = [row["file"] for row in csv_rows(tmp_path / "out" / "predictions.csv")]
+    assert sorted(cells) == sorted(f"'{name}" if name[0] in "=+-@'\t" else name for name in HOSTILE_NAMES)
+    assert [row["file"] for row in csv_rows(tmp_path / "out" / "skipped.csv")] == ["'=bad.png"]
+    assert sorted(_parquet_files(tmp_path / "out")) == sorted(HOSTILE_NAMES)  # the true names
+
+    data = (tmp_path / "out" / "predictions.csv").read_bytes()
+    (tmp_path / "out" / "predictions.csv").write_bytes(data[: len(data) // 2])  # killed halfway
+    assert main(["predict", *options, "--resume", *positional]) == 0
+    rows = csv_rows(tmp_path / "out" / "predictions.csv")
+    assert len(rows) == len(HOSTILE_NAMES) and sorted(_parquet_files(tmp_path / "out")) == sorted(HOSTILE_NAMES)
+
+
+def test_a_torn_last_record_is_cut_at_a_record_boundary_whatever_its_quoting(tmp_path):
+    """The review's case: a torn last row whose file name holds a line break was cut at that line break, which left
+    half a quoted field and broke the CSV. Truncated at every byte of its last record, a journal resumes with the
+    complete records only, and writes a valid Parquet file with every input exactly once."""
+    from medxai.jobs.names import InputNames
+    from medxai.jobs.predict import prediction_columns
+    from medxai.jobs.results import ResultsJournal
+
+    columns = prediction_columns(["normal", "pneumonia"])
+    names = InputNames([])
+
+    def row(name: str) -> dict:
+        return {"file": name, "prediction": "normal", "p_normal": 0.75, "p_pneumonia": 0.25,
+                "decision_rule": "threshold 0.5 on pneumonia (youden)", "in_domain": True, "domain_score": -1.5,
+                "domain_reasons": 'unexpected "body part", modality'}
+
+    whole = tmp_path / "whole"
+    with ResultsJournal(whole, columns, names) as journal:
+        journal.write([row(name) for name in HOSTILE_NAMES])
+        journal.close()
+    data = (whole / "predictions.csv").read_bytes()
+    last = data[: -2].rfind(b'\r\n') + 2  # where the last record begins (no record here ends in a quoted \r\n)
+    assert b"\n" in data[last:-2]  # the last record holds a line break inside quotes
+    for cut in range(last, len(data) + 1):
+        folder = tmp_path / f"cut{cut}"
+        folder.mkdir()
+        (folder / "predictions.csv").write_bytes(data[:cut])
+        with ResultsJournal(folder, columns, names, resume=True) as journal:
+            complete = cut == len(data)
+            assert journal.done == set(HOSTILE_NAMES if complete else HOSTILE_NAMES[:-1]), cut
+            journal.write([row(name) for name in HOSTILE_NAMES if name not in journal.done])
+            journal.close()
+        assert _parquet_files(folder) == HOSTILE_NAMES, cut
+        assert (folder / "predictions.csv").read_bytes() == data, cut
+
+
+@pytest.mark.parametrize("where", ["after the line break in the name", "before the closing quote", "before the CR"])
+def test_a_job_killed_inside_a_quoted_line_break_resumes_to_every_input_once(where, demo_like_run, tmp_path):
+    inputs = _hostile_inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    predict_files(demo_like_run, [inputs / name for name in HOSTILE_NAMES], out=out, keep=False)
+    data = (out / "predictions.csv").read_bytes()
+    start = data.index(b"z last\nrow")
+    cut = {"after the line break in the name": start + len(b"z last\n") + 2,
+           "before the closing quote": data.index(b'.png"', start) + len(b".png"),
+           "before the CR": len(data) - 2}[where]
+    (out / "predictions.csv").write_bytes(data[:cut])
+    result = predict_files(demo_like_run, [inputs / name for name in HOSTILE_NAMES], out=out, keep=False,
+                           resume=True)
+    assert result.done == len(HOSTILE_NAMES)
+    assert sorted(_parquet_files(out)) == sorted(str(inputs / name) for name in HOSTILE_NAMES)
+    assert (out / "predictions.csv").read_bytes() == data
+
+
+def test_the_ray_engine_refuses_a_resume_named_otherwise_before_ray_starts(demo_like_run, tmp_path):
+    pytest.importorskip("ray.data", reason="the ray extra is not installed (pip install 'medxai[ray]')")
+    from medxai.jobs.ray_batch import predict_with_ray
+
+    inputs = blob_files(tmp_path / "in", 4)
+    out = tmp_path / "out"
+    predict_files(demo_like_run, [inputs], out=out, keep=False)
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    with pytest.raises(ConfigError, match="named by their paths.*--hash-names"):
+        predict_with_ray(demo_like_run, [inputs], out, hash_names=True, resume=True, device="cpu")
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before

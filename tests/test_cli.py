@@ -112,23 +112,28 @@ def test_predict_and_explain_skip_bad_files_and_account_for_every_input(syntheti
     buffer = io.BytesIO()
     Image.fromarray(np.full((64, 64), 128, dtype=np.uint8)).save(buffer, format="JPEG")
     (inputs / "truncated.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-    (inputs / ".DS_Store").write_bytes(b"\x00\x01")
+    (inputs / ".DS_Store").write_bytes(b"\x00\x01")  # a hidden file: listed as skipped, not dropped silently
+    (inputs / ".git").mkdir()  # a tool's hidden folder: left out, and said so once
+    (inputs / ".git" / "HEAD").write_text("ref: refs/heads/main")
 
     out = tmp_path / "pred"
     assert main(["predict", str(synthetic_run), str(inputs), "--out", str(out), "--json"]) == 0
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    printed = capsys.readouterr()
+    lines = [json.loads(line) for line in printed.out.splitlines()]
     predicted = [line for line in lines if "label" in line]
     skipped = list(csv.DictReader((out / "skipped.csv").open()))
-    assert len(predicted) == 2 and len(skipped) == 3
-    assert {Path(row["file"]).name for row in skipped} == {"empty.png", "notes.png", "truncated.jpg"}
+    assert len(predicted) == 2 and len(skipped) == 4  # files in = results + skipped
+    assert {Path(row["file"]).name: row["reason"] for row in skipped}[".DS_Store"] == "hidden file"
+    assert {Path(row["file"]).name for row in skipped} == {"empty.png", "notes.png", "truncated.jpg", ".DS_Store"}
     assert all(row["reason"] for row in skipped)
+    assert printed.err.count("left out 1 hidden or system folder") == 1
 
     heatmaps = tmp_path / "heatmaps"
     assert main(["explain", str(synthetic_run), str(inputs), "--out", str(heatmaps), "--npy"]) == 0
     written = sorted(path.name for path in heatmaps.glob("*.png"))
     assert written == ["good_one_png.png", "png_named_jpg.png"]
     assert np.load(heatmaps / "good_one_png.npy").shape == (30, 30)
-    assert len(list(csv.DictReader((heatmaps / "skipped.csv").open()))) == 3
+    assert len(list(csv.DictReader((heatmaps / "skipped.csv").open()))) == 4
 
 
 def test_resume_continues_an_interrupted_cli_run(synthetic_run, tmp_path):
@@ -164,7 +169,7 @@ def test_bad_input_gives_one_clear_line_not_a_traceback(arguments, message, synt
               "one_class": str(tmp_path / "one_class"), "empty_class": str(tmp_path / "empty_class"),
               "other_labels": str(tmp_path / "other_labels")}
     code = main([item.format(**values) for item in arguments])
-    output = capsys.readouterr().out
+    output = capsys.readouterr().err
     assert code != 0
     assert "Traceback" not in output
     if message:
@@ -186,8 +191,8 @@ def test_training_on_a_class_folder_with_messy_files(tmp_path):
 
 # -- real data ------------------------------------------------------------------------------------------------------
 @pytest.mark.realdata
-def test_short_pneumoniamnist_run_on_the_official_splits(data_dir, tmp_path):
-    run = _train(tmp_path, "pneumoniamnist", "--preset", "demo", "--epochs", "2")
+def test_short_pneumoniamnist_run_on_the_official_splits(pneumoniamnist_run):
+    run = pneumoniamnist_run  # `medxai train --preset demo --epochs 2` (conftest), shared with other real-data tests
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["test"]["n"] == 624 and metrics["val"]["n"] == 524
     assert len((run / "splits" / "train.txt").read_text().split()) == 4708
@@ -217,3 +222,54 @@ def test_short_kermany_run_at_reduced_size_and_full_resolution_explanation(data_
     assert main(["explain", str(run), str(fullres), "--out", str(out)]) == 0
     overlay = Image.open(next(out.glob("*.png")))
     assert overlay.size == Image.open(fullres).size  # the heatmap lies over the ORIGINAL resolution
+
+
+# -- every error from what the user wrote is one line and exit 2 -----------------------------------------------------
+NESTED = "[" * 5000
+
+
+@pytest.mark.parametrize("case", [
+    "set: unclosed list", "set: python tag", "set: alias", "set: nested too deeply", "set: numbers as keys",
+    "set: a list for text", "preset: python tag", "preset: not UTF-8", "preset: nested too deeply",
+    "split folders", "label map", "resume: python tag in config.yaml", "resume: nested config.yaml",
+    "ensemble: nested config.yaml", "predict: nested model card", "predict: card of the wrong types",
+])
+def test_bad_text_from_the_user_is_one_error_line_and_exit_2(case, synthetic_run, tmp_path, capsys):
+    """The review's case: ``--set "data.val_fraction=[1"`` (or a ``!!python/object`` tag) ended in a YAML traceback
+    and exit 1. Every place user text is parsed (--set, a preset file, --split-folders, --label-map, a run's
+    config.yaml and model card read by any command) answers with one ``error:`` line on stderr and exit 2."""
+    data = next(synthetic_run.parent.glob("*.npz"))
+    run = tmp_path / "run"
+    shutil.copytree(synthetic_run, run)
+    preset = tmp_path / "preset.yaml"
+    train = ["train", "--data", str(data), "--out", str(tmp_path), "--name", "fresh"]
+    kind, _, detail = case.partition(": ")
+    if kind == "set":
+        value = {"unclosed list": "data.val_fraction=[1", "python tag": "model.name=!!python/object/apply:os.getcwd []",
+                 "alias": "explain.tta=[&a x, *a]", "nested too deeply": f"data.val_fraction={NESTED}",
+                 "numbers as keys": "data={1: 2}", "a list for text": "model.name=[a, b]"}[detail]
+        command = [*train, "--set", value]
+    elif kind == "preset":
+        preset.write_bytes({"python tag": b"model: {name: !!python/object/apply:os.getcwd []}\n",
+                            "not UTF-8": b"model:\n  name: \xff\xfe\n", "nested too deeply": NESTED.encode()}[detail])
+        command = [*train, "--preset", str(preset)]
+    elif kind == "split folders":
+        command = ["check-data", str(tmp_path), "--split-folders", "train"]
+    elif kind == "label map":
+        command = ["evaluate", str(run), "--data", str(data), "--label-map", "a"]
+    elif kind in ("resume", "ensemble"):
+        (run / "config.yaml").write_text("name: run\ndata: !!python/object/apply:os.getcwd []\n"
+                                         if detail == "python tag" else NESTED)
+        command = (["train", "--resume", "--out", str(tmp_path), "--name", "run"] if kind == "resume" else
+                   ["ensemble", str(run), str(synthetic_run), "--name", "fresh", "--out", str(tmp_path)])
+    else:
+        card = json.loads((run / "model_card.json").read_text())
+        (run / "model_card.json").write_text(NESTED if detail == "nested model card" else
+                                             json.dumps({**card, "label_names": 2, "num_classes": "2"}))
+        command = ["predict", str(run), str(data)]
+    assert main(command) == 2
+    printed = capsys.readouterr()
+    lines = printed.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), printed.err
+    assert "Traceback" not in printed.out + printed.err
+    assert not (tmp_path / "fresh").exists()

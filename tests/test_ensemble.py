@@ -105,3 +105,29 @@ def test_members_that_do_not_fit_together_are_refused(members, tmp_path):
         build_ensemble([runs[0], stranger], name="mixed", out_dir=tmp_path)
     with pytest.raises(ConfigError, match="may not replace"):
         build_ensemble(runs, name="seed0", out_dir=folder, overwrite=True)
+
+
+def test_a_member_whose_card_is_not_its_weights_is_refused_and_the_members_are_bound(members, ensemble_run, tmp_path):
+    """A member's model_card.json must be the card its weights carry (else the ensemble would average a model under
+    the wrong labels); the ensemble's own card binds its members, and an ensemble is never built inside a run."""
+    import shutil
+
+    from medxai.errors import CheckpointError
+    from medxai.jobs.ensemble import build_ensemble
+
+    folder, runs = members
+    edited = shutil.copytree(runs[1], tmp_path / "edited")
+    card = json.loads((edited / "model_card.json").read_text())
+    (edited / "model_card.json").write_text(json.dumps({**card, "label_names": card["label_names"][::-1]}))
+    with pytest.raises(CheckpointError, match="edited/model_card.json disagrees with checkpoints/best.safetensors on "
+                                              "label_names"):
+        build_ensemble([runs[0], edited], name="swapped", out_dir=tmp_path)
+    assert not (tmp_path / "swapped").exists()
+    with pytest.raises(ConfigError, match="inside the run folder"):
+        build_ensemble(runs, name="nested", out_dir=runs[0])
+    copy = shutil.copytree(ensemble_run, tmp_path / "both")
+    card = json.loads((copy / "model_card.json").read_text())
+    card["members"][0]["card"]["label_names"] = card["members"][0]["card"]["label_names"][::-1]
+    (copy / "model_card.json").write_text(json.dumps(card))
+    with pytest.raises(CheckpointError, match="on members"):
+        medxai.load(copy, device="cpu")

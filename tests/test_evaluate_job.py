@@ -62,7 +62,7 @@ def test_other_data_goes_to_its_own_folder_and_never_touches_the_run(flat_run, t
     figures = {path.name: path.read_bytes() for path in (run / "figures").iterdir()}
 
     assert main(["evaluate", str(run), "--data", str(other), "--split", "test"]) == 2
-    assert "no splits of its own" in capsys.readouterr().out  # a flat folder has no test split to take
+    assert "no splits of its own" in capsys.readouterr().err  # a flat folder has no test split to take
 
     assert main(["evaluate", str(run), "--data", str(other), "--split", "all", "--name", "hospital_b"]) == 0
     capsys.readouterr()
@@ -91,10 +91,10 @@ def test_a_folder_that_is_not_an_evaluation_is_never_reused(flat_run, tmp_path, 
     mine.mkdir(parents=True)
     (mine / "todo.txt").write_text("keep me")
     assert main(["evaluate", str(run), "--data", str(data), "--name", "notes"]) == 2
-    assert "not a medxai evaluation" in capsys.readouterr().out
+    assert "not a medxai evaluation" in capsys.readouterr().err
     assert (mine / "todo.txt").read_text() == "keep me"
     assert main(["evaluate", str(run), "--data", str(data), "--name", "../escape"]) == 2
-    assert "single folder name" in capsys.readouterr().out
+    assert "single folder name" in capsys.readouterr().err
 
 
 @pytest.mark.realdata

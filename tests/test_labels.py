@@ -114,3 +114,14 @@ def test_cli_positive_label_overrides_the_rule(tmp_path):
     flag = json.loads((tmp_path / "flag" / "model_card.json").read_text())
     assert rule["positive_label"] == "pneumonia" and flag["positive_label"] == "normal"
     assert json.loads((tmp_path / "flag" / "metrics.json").read_text())["val"]["positive_label"] == "normal"
+
+
+def test_label_map_names_data_labels_as_automatic_matching_does():
+    """``--label-map``'s data side ignores case, spaces, hyphens and underscores, as automatic matching does."""
+    assert match_labels(["No_Tumor", "tumour-yes"], ["normal", "tumor"],
+                        ["no tumor=normal", "TUMOUR YES=Tumor"]) == {0: 0, 1: 1}
+    with pytest.raises(ConfigError, match="twice"):
+        parse_label_map(["no tumor=normal", "NO_TUMOR=tumor"])
+    assert parse_label_map(["no tumor=normal", "NO_TUMOR=Normal"]) == {"no tumor": "normal", "NO_TUMOR": "Normal"}
+    with pytest.raises(DataError, match=r"names \['c_d'\], which are not data labels"):
+        match_labels(["a b"], ["x"], ["a-b=x", "c_d=x"])

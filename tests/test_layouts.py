@@ -89,7 +89,7 @@ def test_a_mixed_top_level_is_an_error_that_says_what_was_taken_and_how_to_overr
     assert "data.split_folders" in message
 
     assert main(["check-data", str(root)]) == 2
-    output = capsys.readouterr().out
+    output = capsys.readouterr().err
     assert output.startswith("error:") and "Traceback" not in output
 
     chosen = open_source(root, split_folders={"train": "Training", "test": "Testing"})

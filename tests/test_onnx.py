@@ -351,3 +351,40 @@ def test_real_files_predict_the_same_with_either_backend(trained, exported, data
         assert found.domain_score == pytest.approx(expected.domain_score, rel=1e-3, abs=1e-3)
         for label, value in expected.probabilities.items():
             assert found.probabilities[label] == pytest.approx(value, abs=TOLERANCE)
+
+
+def test_the_onnxruntime_backend_honours_the_card_and_guard_binding(trained, exported, tmp_path):
+    """An edited model_card.json is refused by the onnxruntime backend too, with or without the weights beside the
+    export (the export's card is the one the weights vouched for), and so is a domain guard other than the one the
+    export was made with."""
+    from medxai.evaluate.domain import DomainGuard
+
+    run, _ = trained
+    copy = RunFolder(shutil.copytree(run, tmp_path / "copy"))
+    exported_card = json.loads(copy.onnx_card_path.read_text())
+    assert exported_card["medxai_domain_guard_sha256"] == file_sha256(copy.domain_guard_path)
+    card = json.loads(copy.card_path.read_text())
+    copy.card_path.write_text(json.dumps({**card, "label_names": card["label_names"][::-1]}))
+    with pytest.raises(CheckpointError, match="model_card.json disagrees with checkpoints/best.safetensors on "
+                                              "label_names"):
+        Classifier.from_run(copy.path, device="cpu", backend="onnxruntime")
+    copy.weights_path("best").unlink()  # the export alone: its own card is compared
+    with pytest.raises(CheckpointError, match="exported with a model card that differs on label_names"):
+        Classifier.from_run(copy.path, device="cpu", backend="onnxruntime")
+    copy.card_path.write_text(json.dumps(card))
+    Classifier.from_run(copy.path, device="cpu", backend="onnxruntime")
+    guard = DomainGuard.load(copy.domain_guard_path)
+    guard.z_threshold *= 100
+    guard.save(copy.domain_guard_path)
+    with pytest.raises(CheckpointError, match="is not the domain guard saved with .*model.onnx.json"):
+        Classifier.from_run(copy.path, device="cpu", backend="onnxruntime")
+
+
+def test_export_out_may_not_lie_in_a_run_or_in_its_parity_images(trained, exported, image_files, tmp_path):
+    from medxai.jobs.export import export_run
+
+    run, _ = trained
+    for out, images in ((run / "exports" / "tiny.onnx", None), (image_files / "tiny.onnx", [image_files])):
+        with pytest.raises(ConfigError, match="overlaps"):
+            export_run(run, out=out, images=images)
+        assert not out.exists()

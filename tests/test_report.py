@@ -206,5 +206,5 @@ def test_compare_lists_runs_with_intervals(noisy_run, tmp_path, capsys):
 def test_report_and_compare_refuse_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert main(["compare", str(tmp_path)]) == 2
-    output = capsys.readouterr().out
+    output = capsys.readouterr().err
     assert output.count("error:") == 2 and "Traceback" not in output

@@ -487,7 +487,7 @@ def test_the_command_line_serve_refuses_exposure_and_audit_exports(demo_like_run
     from medxai.cli import main
 
     assert main(["serve", str(demo_like_run), "--host", "0.0.0.0"]) == 2
-    assert "--token-file" in capsys.readouterr().out
+    assert "--token-file" in capsys.readouterr().err
     audit = tmp_path / "audit.sqlite"
     with running_server(demo_like_run, audit_db=str(audit)) as url:
         for side in ("left", "right"):

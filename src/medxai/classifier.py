@@ -35,15 +35,16 @@ from medxai.evaluate.calibration import card_calibrator
 from medxai.evaluate.domain import DomainGuard, DomainVerdict
 from medxai.explain import DecisionTarget, LogOddsTarget, build_cam, overlay_heatmap
 from medxai.explain.tta import TTACAM, tta_probabilities, tta_views
-from medxai.models.card import ModelCard
-from medxai.models.checkpoint import load_weights
+from medxai.models.card import NETWORK_FIELDS, ModelCard
+from medxai.models.checkpoint import GUARD_DIGEST_KEY, check_binding, check_guard_binding, load_weights
 from medxai.models.features import capture_stage_statistics
 from medxai.models.onnx import OnnxModel, export_mismatches
 from medxai.run_folder import RunFolder, read_onnx_card
 from medxai.train import autocast_context, resolve_device
 from medxai.train._device import to_channels_last
 
-__all__ = ["Classifier", "Prediction", "Explanation", "load", "InputImage", "DecodedInput", "BACKENDS"]
+__all__ = ["Classifier", "Prediction", "Explanation", "load", "read_run_card", "InputImage", "DecodedInput",
+           "BACKENDS"]
 
 logger = logging.getLogger(__name__)
 
@@ -138,8 +139,12 @@ class Classifier:
         batch_size: int | None = None,
         tta: Sequence[str] = (),
         backend: str = "torch",
+        allow_unfinished: bool = False,
     ) -> Classifier:
         """Load ``run_dir/checkpoints/<checkpoint>.safetensors`` with the run's model card and domain guard.
+
+        The card and the guard must be those saved with the weights (:func:`~medxai.models.checkpoint.check_binding`):
+        an edited ``model_card.json`` would silently change what every prediction means.
 
         Args:
             batch_size: images per forward pass; None uses the run's training batch size (see
@@ -147,19 +152,21 @@ class Classifier:
             tta: see :class:`Classifier`.
             backend: one of :data:`BACKENDS`; ``onnxruntime`` runs the run's ONNX export, which must have been made
                 from this ``checkpoint`` of this run.
+            allow_unfinished: use a run whose training stopped before the end (no ``metrics.json``); refused
+                otherwise (:meth:`~medxai.run_folder.RunFolder.check_finished`).
 
         Raises:
-            CheckpointError: not a run, missing or mismatched weights, or (onnxruntime) no export or a stale one.
+            CheckpointError: not a run, an unfinished run, missing or mismatched weights, a card or guard that is
+                not the weights', or (onnxruntime) no export or a stale one.
         """
         if backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
-        run = RunFolder(run_dir)
-        run.check_is_run()
+        run, card = read_run_card(run_dir, checkpoint=checkpoint, allow_unfinished=allow_unfinished,
+                                  weights_required=backend == "torch")
         if backend == "onnxruntime":
-            card = run.read_card()
             model = _onnx_model(run, checkpoint, card, resolve_device(device))
         else:
-            model, card = load_weights(run.weights_path(checkpoint), run.read_card())
+            model, card = load_weights(run.weights_path(checkpoint), card)
         guard = DomainGuard.load(run.domain_guard_path) if run.domain_guard_path.is_file() else None
         if guard is not None and backend == "onnxruntime":
             missing = [layer for layer in guard.layers if layer not in model.stage_layers]
@@ -384,6 +391,30 @@ def load(run_dir: str | Path, *, checkpoint: str = "best", device: str = "auto",
     return Classifier.from_run(run_dir, checkpoint=checkpoint, device=device, backend=backend)
 
 
+def read_run_card(run_dir: str | Path, *, checkpoint: str = "best", allow_unfinished: bool = False,
+                  weights_required: bool = True) -> tuple[RunFolder, ModelCard]:
+    """A run folder and its model card, once the run is known to be a run, finished (unless ``allow_unfinished``),
+    and its card and domain guard the ones saved with its ``checkpoint`` weights
+    (:func:`~medxai.models.checkpoint.check_binding`; ``last`` and ``ema`` weights, saved before calibration, are
+    checked on the network's fields). Weights that are not there are not checked unless ``weights_required``.
+
+    Raises:
+        CheckpointError: not a run, unfinished, or a card or guard that is not the weights'.
+    """
+    run = RunFolder(run_dir)
+    run.check_is_run()
+    if not allow_unfinished:
+        run.check_finished()
+    card = run.read_card()
+    weights = run.weights_path(checkpoint)
+    if weights_required or weights.is_file():
+        if checkpoint == "best":
+            check_binding(card, weights, guard=run.domain_guard_path, card_name=run.card_path.name)
+        else:
+            check_binding(card, weights, fields=NETWORK_FIELDS, card_name=run.card_path.name)
+    return run, card
+
+
 def _onnx_model(run: RunFolder, checkpoint: str, card: ModelCard, device: torch.device) -> OnnxModel:
     """The run's ONNX export, after checking that it was made from this run's card and ``checkpoint`` weights."""
     hint = f"medxai export {run.path} --format onnx"
@@ -398,6 +429,13 @@ def _onnx_model(run: RunFolder, checkpoint: str, card: ModelCard, device: torch.
     if not weights.is_file():
         logger.warning("%s is missing: the ONNX export is checked against the model card only", weights)
     problems = export_mismatches(exported, card, weights)
+    try:
+        differing = card.bound_differences(ModelCard.from_dict(exported))  # the card as exported, bound fields
+    except CheckpointError as error:
+        differing = [f"its card ({error})"]
+    if differing:
+        problems.append(f"exported with a model card that differs on {', '.join(differing)}")
+    check_guard_binding(exported.get(GUARD_DIGEST_KEY), run.domain_guard_path, run.onnx_card_path)
     if problems:
         raise CheckpointError(f"{run.onnx_path} does not match the run ({'; '.join(problems)}); re-export it: "
                               f"{hint}")

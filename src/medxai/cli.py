@@ -25,6 +25,7 @@ __all__ = ["build_parser", "main"]
 
 logger = logging.getLogger("medxai")
 console = Console(stderr=False)
+errors = Console(stderr=True)  # errors and notices: stdout stays clean for --json readers
 
 DEMO_NAME = "demo"
 _TABLE_ROWS = 50  # results shown in a console table; the files and --json hold them all
@@ -208,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--malloc-arenas", type=int,
                        help="glibc malloc arenas of the process, large buffers mapped apart (default 2; 0: glibc's "
                        "own defaults)")
+    serve.add_argument("--allow-unfinished", action="store_true", default=None, help=_ALLOW_UNFINISHED_HELP)
 
     audit = commands.add_parser("audit", help="print a service's audit log, or export it as CSV/JSON")
     audit.add_argument("run", help="run folder")
@@ -222,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", help="file to write (default: RUN/model.onnx)")
     export.add_argument("--opset", type=int, help="ONNX opset (default 18)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    export.add_argument("--allow-unfinished", action="store_true", help=_ALLOW_UNFINISHED_HELP)
     export.add_argument("--images", nargs="+", help="images for the parity check (default: the run's own "
                                                      "validation images)")
 
@@ -231,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _LABEL_MAP_HELP = "map a data label to a model label when their names differ beyond case/spaces/_/- (repeatable)"
+_ALLOW_UNFINISHED_HELP = ("use a run whose training stopped before the end (no metrics.json: it may lack calibration, "
+                          "threshold and domain guard)")
 _SPLIT_FOLDERS_HELP = (
     "which top-level folder is which split, e.g. 'train=Training,test=Testing' (other folders left out), or 'none' "
     "to read every top-level folder as a class (default: recognised by name)"
@@ -247,6 +252,7 @@ def _add_inference_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--batch-size", type=int,
                         help="images per forward pass (default: the run's training batch size)")
+    parser.add_argument("--allow-unfinished", action="store_true", default=None, help=_ALLOW_UNFINISHED_HELP)
 
 
 def _add_hash_names(parser: argparse.ArgumentParser) -> None:
@@ -278,14 +284,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print_error(f"{error.strerror or error}: {error.filename or ''}".rstrip(": "))
         return 2
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]; a training run can continue with --resume")
+        errors.print("[yellow]interrupted[/]; a training run can continue with --resume")
         return 130
 
 
 def _print_error(error: Any) -> None:
-    """``error: <message>`` as one line (never wrapped, so it can be grepped and read whole)."""
-    console.print("[bold red]error:[/] ", end="")
-    console.print(str(error), highlight=False, markup=False, soft_wrap=True)
+    """``error: <message>`` as one line on stderr (never wrapped nor broken, so it can be grepped and read whole)."""
+    errors.print("[bold red]error:[/] ", end="")
+    errors.print(" ".join(str(error).split()), highlight=False, markup=False, soft_wrap=True)
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -395,7 +401,7 @@ def _run_on_ray(arguments: argparse.Namespace, *, explain: Any = None, target: i
     result = predict_with_ray(arguments.run, arguments.images, arguments.out, address=arguments.ray_address,
                               actors=arguments.actors, batch_size=inference.batch_size, device=inference.device,
                               hash_names=arguments.hash_names, ood_action=arguments.ood_action, explain=explain,
-                              target=target, resume=arguments.resume)
+                              target=target, resume=arguments.resume, allow_unfinished=inference.allow_unfinished)
     summary = (f"{result.predicted} {'explained' if explain is not None else 'predicted'}, "
                f"{len(result.skipped)} skipped, {result.inputs} inputs")
     if explain is not None:
@@ -510,7 +516,10 @@ def _run_explain(arguments: argparse.Namespace) -> int:
 def _run_check_data(arguments: argparse.Namespace) -> int:
     from medxai.data import open_source
     from medxai.data.check import check_data, check_data_table, interpretation_lines
+    from medxai.run_folder import check_output_location
 
+    if arguments.out:
+        check_output_location(arguments.out, inputs=[arguments.path])
     source = open_source(arguments.path, patient_pattern=arguments.patient_pattern,
                          split_folders=_split_folders(arguments.split_folders))
     if not arguments.json:  # the interpretation first, before the (long) decoding of every file
@@ -545,7 +554,11 @@ def _run_models(arguments: argparse.Namespace) -> int:
 
 def _run_report(arguments: argparse.Namespace) -> int:
     from medxai.report.html import build_report
+    from medxai.run_folder import RunFolder, check_output_location
 
+    own_report = RunFolder(arguments.run).report_path
+    if arguments.out and Path(arguments.out).resolve() != own_report.resolve():
+        check_output_location(arguments.out, runs=[arguments.run])
     path = build_report(arguments.run, arguments.out)
     console.print(f"report: [bold]{path}[/] ({path.stat().st_size / 1e6:.2f} MB)")
     return 0
@@ -624,17 +637,21 @@ def _run_serve(arguments: argparse.Namespace) -> int:
         "host", "port", "device", "backend", "max_batch", "max_wait_ms", "queue", "timeout_s", "token_file",
         "max_upload_mb", "max_pixels", "max_voxels", "max_decoded_mb", "max_decodes", "decode_budget_mb",
         "cors_origins", "audit_db", "allowed_hosts", "header_timeout_s", "read_timeout_s", "min_upload_rate",
-        "max_connections_per_client", "receive_budget_mb", "worker_threads", "malloc_arenas")})
+        "max_connections_per_client", "receive_budget_mb", "worker_threads", "malloc_arenas",
+        "allow_unfinished")})
     run_server(arguments.run, config, log_level="debug" if arguments.verbose else "info")
     return 0
 
 
 def _run_audit(arguments: argparse.Namespace) -> int:
-    from medxai.run_folder import RunFolder
+    from medxai.run_folder import RunFolder, check_output_location
     from medxai.serve.audit import audit_url, export_audit, read_audit, summarize_audit
 
-    url = audit_url(arguments.audit_db or RunFolder(arguments.run).audit_db_path)
+    database = arguments.audit_db or RunFolder(arguments.run).audit_db_path
+    url = audit_url(database)
     if arguments.out:
+        is_file = "://" not in str(database)  # a SQLite file, not a database server's URL
+        check_output_location(arguments.out, inputs=[database] if is_file else [], runs=[arguments.run])
         count = export_audit(url, arguments.out, arguments.format or Path(arguments.out).suffix.lstrip(".") or "csv",
                              limit=arguments.limit)
         console.print(f"{count} audit record(s) written to {arguments.out}")
@@ -656,7 +673,7 @@ def _run_export(arguments: argparse.Namespace) -> int:
 
     options = {"opset": arguments.opset} if arguments.opset is not None else {}
     result = export_run(arguments.run, format=arguments.format, out=arguments.out, images=arguments.images,
-                        overwrite=arguments.overwrite, **options)
+                        overwrite=arguments.overwrite, allow_unfinished=arguments.allow_unfinished, **options)
     parity = result.parity
     console.print(f"wrote {result.path} and {result.card_path}; parity on {parity['n']} image(s) "
                   f"({parity.get('images', 'real')}): max |logit difference| {parity['max_abs_logit_diff']:.2e}, "
@@ -692,7 +709,8 @@ def _overrides(values: Mapping[str, Any]) -> list[str]:
 def _inference(arguments: argparse.Namespace):
     from medxai.config import InferenceConfig, with_values
 
-    return with_values(InferenceConfig(), device=arguments.device, batch_size=arguments.batch_size)
+    return with_values(InferenceConfig(), device=arguments.device, batch_size=arguments.batch_size,
+                       allow_unfinished=arguments.allow_unfinished)
 
 
 def _split_folders(text: str | None) -> dict[str, str] | None:

@@ -37,6 +37,7 @@ __all__ = [
     "apply_overrides",
     "save_config",
     "build_config",
+    "parse_yaml",
     "is_offline",
     "OFFLINE_ENV",
 ]
@@ -209,6 +210,9 @@ class InferenceConfig:
     # Images per forward pass; None: the run's own training batch size, so that re-evaluating its splits gives
     # bit-identical logits (a convolution's float sums depend on the batch it runs in).
     batch_size: int | None = None
+    # Use a run whose training was stopped before it finished (no metrics.json: no calibration, threshold or
+    # domain guard may have been fitted); refused by default, since its probabilities mean less than they say.
+    allow_unfinished: bool = False
 
 
 @dataclass
@@ -239,6 +243,7 @@ class ServeConfig:
     explanations_kept: int = 64  # overlays kept for GET /v1/explanations/{id} (overlay=url), newest first
     explanations_ttl_s: float = 600.0  # and for at most this long
     channels_last: bool = True  # NHWC weights and inputs on the CPU (faster convolutions; Classifier.use_channels_last)
+    allow_unfinished: bool = False  # serve a run whose training stopped before the end (no metrics.json)
     # Host header names answered besides loopback names and the bound address (DNS rebinding); "*": any name.
     allowed_hosts: list[str] = field(default_factory=list)
     # Slow clients: a connection must send its request line and headers within header_timeout_s; an upload may not
@@ -322,7 +327,7 @@ def _build(cls: type[T], values: dict[str, Any], where: str) -> T:
         raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
     hints = get_type_hints(cls)
     known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(str(key) for key in set(values) - known)  # YAML keys may be numbers, dates, None...
     if unknown:
         hint = difflib.get_close_matches(unknown[0], known, n=1)
         suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
@@ -367,12 +372,20 @@ def _coerce(annotation: Any, value: Any, where: str) -> Any:
                 raise ValueError(value)
             return bool(value)
         if annotation in (int, float, str):
+            if isinstance(value, (dict, list, tuple, set)):  # str() of a structure is never the text meant
+                raise TypeError(value)
             if annotation is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)
             return annotation(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}: {value!r} is not a valid {annotation.__name__}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"{where}: {_short(value)} is not a valid {annotation.__name__}") from None
     return value
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for error messages about values read from files."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def with_values(config: T, **values: Any) -> T:
@@ -403,8 +416,49 @@ def preset_path(name_or_path: str | Path) -> Path:
     return path
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases: a configuration never needs ``*name``, and aliases let a few lines of
+    text expand into structures exponentially larger (the "billion laughs")."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed",
+                                              self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """``text`` parsed as YAML (plain values only: no Python tags, no aliases).
+
+    Args:
+        text: what the user wrote (a ``--set`` value, a preset file, a run's ``config.yaml``).
+        where: what the text is, for the error message.
+
+    Raises:
+        ConfigError: not valid YAML, a tag or an alias, or nesting too deep to parse; one line saying where.
+    """
+    try:
+        return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506  a SafeLoader, stricter still
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{where}: not valid YAML ({_yaml_problem(error)})") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: not valid YAML (nested too deeply)") from None
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """The problem of a YAML error in one line, with its line and column."""
+    problem = getattr(error, "problem", None) or str(error)
+    mark = getattr(error, "problem_mark", None)
+    position = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return " ".join(f"{problem}{position}".split())
+
+
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``section.key=value`` strings (value parsed as YAML) to a nested mapping, in place."""
+    """Apply ``section.key=value`` strings (value parsed as YAML: :func:`parse_yaml`) to a nested mapping, in place.
+
+    Raises:
+        ConfigError: an override without ``=``, a value that is not valid YAML, or a key below a value.
+    """
     for override in overrides:
         if "=" not in override:
             raise ConfigError(f"override '{override}' must look like section.key=value")
@@ -415,7 +469,7 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
             target = target.setdefault(parent, {})
             if not isinstance(target, dict):
                 raise ConfigError(f"override '{override}': '{parent}' is not a section")
-        target[leaf] = yaml.safe_load(raw)
+        target[leaf] = parse_yaml(raw, f"--set {dotted.strip()}")
     return values
 
 
@@ -425,9 +479,10 @@ def load_config(preset: str | Path | None = None, overrides: list[str] | None = 
     if preset is not None:
         path = preset_path(preset)
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML ({error})") from None
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a YAML text file (not UTF-8)") from None
+        loaded = parse_yaml(text, str(path)) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
         values = loaded

@@ -4,7 +4,8 @@ A run folder is what ``medxai train`` writes and all later commands need (the co
 ``docs/run-folder.md``)::
 
     runs/<name>/
-      config.yaml  model_card.json  metrics.json  data_check.json  history.csv  skipped.csv  report.html
+      medxai_run.json (the marker: a random run id)  config.yaml  model_card.json  metrics.json  data_check.json
+      history.csv  skipped.csv  report.html
       checkpoints/{best,last,state}.safetensors  checkpoints/state.json
       splits/{train,val,test}.txt  figures/*.png  heatmaps/*.png  heatmaps/gallery.json  explain_metrics.json
       evaluations/<name>/{evaluation.json, metrics.json, skipped.csv, figures/, explain_metrics.json}
@@ -13,37 +14,47 @@ A run folder is what ``medxai train`` writes and all later commands need (the co
 a :class:`~medxai.models.card.ModelCard`, split lists, history rows, JSON documents). :class:`EvaluationFolder` is the
 part a run and an evaluation of other data share (metrics, figures, skipped list), so that an evaluation never writes
 into the run's own results. The safety rules live here too: a run name is one plain path component, ``--overwrite``
-only ever removes a folder that is provably a medxai run, and a run folder never overlaps the data it was made from.
+only ever removes a folder that medxai provably wrote and that holds nothing else (:meth:`RunFolder.check_deletable`),
+a run folder never overlaps the data it was made from, and no command writes its output into its inputs or into a
+run folder (:func:`check_output_location`).
 
-This module sits between the model stage and training in the pipeline's order: it may import ``config``, ``errors``
-and ``models.card``, and every later stage and job may import it.
+This module sits between the model stage and training in the pipeline's order: it may import ``config``, ``errors``,
+``models.card`` and ``models.checkpoint`` (the card a weights file embeds), and every later stage and job may import
+it.
 """
 
 from __future__ import annotations
 
 import csv
+import datetime
+import fnmatch
 import json
 import logging
 import os
 import re
 import shutil
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from medxai.config import DataConfig, RunConfig, TrainConfig
+from medxai.config import DataConfig, RunConfig, TrainConfig, parse_yaml, save_config
+from medxai.data.readers import is_hidden_or_system
 from medxai.data.sources.base import SPLIT_NAMES
-from medxai.errors import CheckpointError, ConfigError, DataError
+from medxai.errors import CheckpointError, ConfigError, DataError, MedxaiError
 from medxai.models.card import ModelCard
+from medxai.models.checkpoint import embedded_card
 
 __all__ = [
     "RunFolder",
     "EvaluationFolder",
     "check_folder_name",
+    "check_output_location",
     "safe_file_stem",
+    "spreadsheet_text",
+    "unspreadsheet_text",
     "write_skipped",
+    "skipped_row",
     "read_skipped",
     "write_split_lists",
     "read_split_lists",
@@ -55,12 +66,14 @@ __all__ = [
     "SKIPPED_FILE",
     "PREDICTIONS_FILE",
     "PREDICTIONS_PARQUET_FILE",
+    "NAMING_FILE",
     "REPORT_FILE",
     "FIGURE_KINDS",
 ]
 
 logger = logging.getLogger(__name__)
 
+RUN_MARKER_FILE = "medxai_run.json"
 CONFIG_FILE = "config.yaml"
 MODEL_CARD_FILE = "model_card.json"
 METRICS_FILE = "metrics.json"
@@ -74,6 +87,7 @@ GALLERY_FILE = "gallery.json"
 EVALUATION_FILE = "evaluation.json"
 PREDICTIONS_FILE = "predictions.csv"
 PREDICTIONS_PARQUET_FILE = "predictions.parquet"
+NAMING_FILE = "naming.json"  # beside predictions.csv: how the batch job named its inputs (see jobs/results.py)
 CHECKPOINTS_DIR = "checkpoints"
 SPLITS_DIR = "splits"
 FIGURES_DIR = "figures"
@@ -92,6 +106,23 @@ FIGURE_KINDS = ("confusion_matrix", "roc", "precision_recall", "reliability", "d
 TRAINING_CURVES = "training_curves"
 
 _FOLDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+#: Every file medxai writes in a run folder (patterns of the path relative to it, ``*`` within one component);
+#: ``--overwrite`` refuses a folder holding anything else.
+_RUN_LAYOUT = (
+    RUN_MARKER_FILE, CONFIG_FILE, MODEL_CARD_FILE, METRICS_FILE, DATA_CHECK_FILE, HISTORY_FILE, SKIPPED_FILE,
+    REPORT_FILE, EXPLAIN_METRICS_FILE, EXPLAIN_SKIPPED_FILE, ONNX_FILE, ONNX_CARD_FILE,
+    *(f"{CHECKPOINTS_DIR}/{name}.safetensors" for name in ("best", "last", "ema", "state", "domain_guard")),
+    f"{CHECKPOINTS_DIR}/state.json",
+    *(f"{SPLITS_DIR}/{split}.txt" for split in SPLIT_NAMES),
+    f"{FIGURES_DIR}/*.png",
+    f"{HEATMAPS_DIR}/*.png", f"{HEATMAPS_DIR}/*.npy", f"{HEATMAPS_DIR}/{GALLERY_FILE}",
+    *(f"{EVALUATIONS_DIR}/*/{name}" for name in (EVALUATION_FILE, METRICS_FILE, SKIPPED_FILE, EXPLAIN_METRICS_FILE,
+                                                 EXPLAIN_SKIPPED_FILE, f"{FIGURES_DIR}/*.png")),
+    *(f"{SERVE_DIR}/{AUDIT_DB_FILE}{suffix}" for suffix in ("", "-journal", "-wal", "-shm")),
+)
+#: What an interrupted atomic write leaves beside its file.
+_LEFTOVER_SUFFIXES = (".tmp", ".partial")
 
 
 def check_folder_name(name: str, what: str = "run name") -> str:
@@ -119,6 +150,24 @@ def safe_file_stem(text: str, limit: int = 80) -> str:
 
 
 # -- file formats shared by runs, evaluations and batch-job outputs -------------------------------------------------
+#: First characters that make a spreadsheet read a CSV cell as a formula (OWASP, "CSV injection"); such a text cell
+#: is written after a single quote, which spreadsheets show as text. A text beginning with the quote gets one too,
+#: so that reading removes exactly one.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+_TEXT_MARK = "'"
+
+
+def spreadsheet_text(text: str) -> str:
+    """A text cell of a CSV file as written: prefixed by ``'`` when it begins like a formula (``=HYPERLINK(...)``,
+    ``+``, ``-``, ``@``, tab, carriage return) or with ``'`` itself; :func:`unspreadsheet_text` undoes it."""
+    return _TEXT_MARK + text if text.startswith((*_FORMULA_STARTS, _TEXT_MARK)) else text
+
+
+def unspreadsheet_text(cell: str) -> str:
+    """The text of a cell written by :func:`spreadsheet_text`."""
+    return cell[1:] if cell.startswith(_TEXT_MARK) else cell
+
+
 def write_skipped(path: str | Path, skipped: Iterable[tuple[str, str]]) -> Path:
     """``skipped.csv`` (file, reason): written always, so that files in = results + rows here."""
     path = Path(path)
@@ -126,8 +175,13 @@ def write_skipped(path: str | Path, skipped: Iterable[tuple[str, str]]) -> Path:
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["file", "reason"])
-        writer.writerows(skipped)
+        writer.writerows(skipped_row(name, reason) for name, reason in skipped)
     return path
+
+
+def skipped_row(name: str, reason: str) -> list[str]:
+    """One row of ``skipped.csv`` as written (:func:`spreadsheet_text` cells)."""
+    return [spreadsheet_text(str(name)), spreadsheet_text(str(reason))]
 
 
 def read_skipped(path: str | Path) -> list[tuple[str, str]]:
@@ -136,7 +190,8 @@ def read_skipped(path: str | Path) -> list[tuple[str, str]]:
     if not path.is_file():
         return []
     with path.open(newline="", encoding="utf-8") as handle:
-        return [(row["file"], row["reason"]) for row in csv.DictReader(handle)]
+        return [(unspreadsheet_text(row["file"]), unspreadsheet_text(row["reason"]))
+                for row in csv.DictReader(handle)]
 
 
 def write_split_lists(splits: Mapping[str, Sequence[Any]], folder: str | Path) -> None:
@@ -207,6 +262,8 @@ def _read_json(path: Path, what: str) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{path}: not a readable {what} ({error})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: not a readable {what} (nested too deeply)") from None
 
 
 def onnx_card_path_for(onnx_path: str | Path) -> Path:
@@ -329,6 +386,11 @@ class RunFolder(EvaluationFolder):
 
     # paths
     @property
+    def marker_path(self) -> Path:
+        """``medxai_run.json``: written first into every new run folder, with the run's random id."""
+        return self.path / RUN_MARKER_FILE
+
+    @property
     def config_path(self) -> Path:
         return self.path / CONFIG_FILE
 
@@ -413,9 +475,10 @@ class RunFolder(EvaluationFolder):
         if not self.config_path.is_file():
             raise CheckpointError(f"{self.path}: no {CONFIG_FILE}; is this a medxai run folder?")
         try:
-            values = yaml.safe_load(self.config_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+            text = self.config_path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
             raise CheckpointError(f"{self.config_path}: not a readable medxai configuration ({error})") from None
+        values = parse_yaml(text, str(self.config_path))
         if not isinstance(values, dict):
             raise CheckpointError(f"{self.config_path}: not a medxai configuration (expected a mapping)")
         return RunConfig.from_dict(values)
@@ -440,7 +503,7 @@ class RunFolder(EvaluationFolder):
     def write_config(self, config: RunConfig) -> Path:
         self.path.mkdir(parents=True, exist_ok=True)
         temporary = self.config_path.with_name(CONFIG_FILE + ".tmp")
-        temporary.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+        save_config(config, temporary)
         os.replace(temporary, self.config_path)
         return self.config_path
 
@@ -502,9 +565,35 @@ class RunFolder(EvaluationFolder):
                 if (path / EVALUATION_FILE).is_file()]
 
     # what is and is not ours
+    def read_run_id(self) -> str | None:
+        """The run id of the marker file; None when there is none (runs written before markers existed).
+
+        Raises:
+            CheckpointError: a marker that is not one medxai wrote.
+        """
+        if not self.marker_path.is_file():
+            return None
+        document = _read_json(self.marker_path, "run marker")
+        run_id = document.get("run_id") if isinstance(document, dict) else None
+        if not isinstance(run_id, str) or not run_id:
+            raise CheckpointError(f"{self.marker_path}: not a medxai run marker (no run_id)")
+        return run_id
+
+    def write_marker(self) -> str:
+        """Write the marker file with a new random run id (the card and the weights carry it too); return the id."""
+        run_id = uuid.uuid4().hex
+        from medxai import __version__
+
+        _write_json(self.marker_path, {"run_id": run_id, "medxai_version": __version__,
+                                       "created": datetime.datetime.now(datetime.timezone.utc).isoformat()})
+        return run_id
+
     def is_run(self) -> bool:
-        """Whether this folder is provably a medxai run: a readable model card, or a ``config.yaml`` that is a
-        complete medxai configuration naming this very folder."""
+        """Whether this folder is a medxai run to read from: it has medxai's marker, a readable model card, or a
+        ``config.yaml`` that is a complete medxai configuration naming this very folder. (Deleting asks for more:
+        :meth:`check_deletable`.)"""
+        if self.marker_path.is_file():
+            return True
         try:
             self.read_card()
             return True
@@ -522,14 +611,122 @@ class RunFolder(EvaluationFolder):
         if not self.is_run():
             raise CheckpointError(f"{self.path}: not a medxai run folder (no readable {MODEL_CARD_FILE})")
 
+    def check_finished(self) -> None:
+        """Raise unless training finished: ``metrics.json`` is written after the calibration, the operating
+        threshold, the domain guard and the final weights, so a run without it was stopped before the end.
+
+        Raises:
+            CheckpointError: saying what is missing and how to finish the run or use it anyway.
+        """
+        if self.metrics_path.is_file():
+            return
+        missing = [METRICS_FILE]
+        try:
+            card = self.read_card()
+        except MedxaiError:
+            card = None
+        if card is not None and card.calibration is None:
+            missing.append("calibration")
+        if card is not None and card.is_binary and (card.threshold or {}).get("value") is None:
+            missing.append("operating threshold")
+        if not self.domain_guard_path.is_file():
+            missing.append("domain guard")
+        raise CheckpointError(
+            f"{self.path} is an unfinished run (its training stopped before the end): no {', '.join(missing)}. "
+            f"Finish it with `medxai train --resume --out {self.path.parent} --name {self.path.name}`, or use it as "
+            "it is with --allow-unfinished"
+        )
+
+    def check_deletable(self) -> None:
+        """Raise unless medxai provably wrote this folder and it holds nothing else, so that removing it loses
+        nothing of the user's.
+
+        The proof is the marker's run id, carried also by the model card and the weights' embedded card where they
+        exist; for a run written before markers existed, the card embedded in ``checkpoints/best.safetensors`` whose
+        bound fields equal ``model_card.json``'s. Every file must then be one medxai writes in a run folder
+        (:data:`_RUN_LAYOUT`, or the leftover of an interrupted atomic write); links and other files are listed.
+
+        Raises:
+            ConfigError: the folder is not provably a medxai run, or holds files medxai did not write.
+        """
+        if self.path.is_symlink():
+            raise ConfigError(f"{self.path} is a link, not a medxai run folder; refusing to delete it")
+        problem = self._ownership_problem()
+        if problem is not None:
+            raise ConfigError(f"{self.path} exists and is not a medxai run folder ({problem}); refusing to delete "
+                              "it. Choose another --name or --out")
+        foreign = self.foreign_files()
+        if foreign:
+            listed = ", ".join(foreign[:10]) + (f" and {len(foreign) - 10} more" if len(foreign) > 10 else "")
+            raise ConfigError(f"{self.path} holds {len(foreign)} file(s) medxai did not write ({listed}); refusing "
+                              "to delete it. Move them out first, or choose another --name or --out")
+
+    def is_deletable(self) -> bool:
+        """:meth:`check_deletable` as a yes or no."""
+        try:
+            self.check_deletable()
+        except ConfigError:
+            return False
+        return True
+
+    def _ownership_problem(self) -> str | None:
+        """Why this folder is not provably a run medxai wrote; None when it is."""
+        try:
+            run_id = self.read_run_id()
+            card = self.read_card() if self.card_path.is_file() else None
+            if run_id is None:
+                return self._legacy_ownership_problem(card)
+            if card is not None and card.run_id != run_id:
+                return f"its {MODEL_CARD_FILE} belongs to another run"
+            for checkpoint in ("best", "last", "ema"):
+                path = self.weights_path(checkpoint)
+                saved = embedded_card(path) if path.is_file() else None
+                if saved is not None and saved.run_id != run_id:
+                    return f"{CHECKPOINTS_DIR}/{path.name} belongs to another run"
+        except MedxaiError as error:
+            return f"unreadable: {error}"
+        return None
+
+    def _legacy_ownership_problem(self, card: ModelCard | None) -> str | None:
+        """A folder without a marker (written before markers existed) is ours when its best weights embed the
+        card it holds: a copied card, or a config.yaml, alone proves nothing."""
+        if card is None:
+            return f"no {RUN_MARKER_FILE} marker and no readable {MODEL_CARD_FILE}"
+        saved = embedded_card(self.weights_path("best")) if self.weights_path("best").is_file() else None
+        if saved is None:
+            return f"no {RUN_MARKER_FILE} marker, and no {CHECKPOINTS_DIR}/best.safetensors that vouches for its card"
+        if card.bound_differences(saved):
+            return f"its {MODEL_CARD_FILE} is not the card saved with its weights"
+        return None
+
+    def foreign_files(self) -> list[str]:
+        """Paths (relative, sorted) of everything under the folder that medxai does not write in a run folder:
+        other files, links, pipes."""
+        foreign = []
+        for folder, subfolders, files in os.walk(self.path):
+            for name in sorted(subfolders):
+                if Path(folder, name).is_symlink():  # listed, never followed
+                    foreign.append(Path(folder, name).relative_to(self.path).as_posix())
+            for name in sorted(files):
+                path = Path(folder, name)
+                relative = path.relative_to(self.path).as_posix()
+                if path.is_symlink() or not path.is_file() or not _in_run_layout(relative):
+                    foreign.append(relative)
+        return sorted(foreign)
+
     def check_can_create(self, *, overwrite: bool) -> None:
-        """Raise unless a new run may be written here: the folder is absent or empty, or (with ``overwrite``) it is
-        provably a medxai run (:meth:`is_run`). Nothing is changed; call it before any long work.
+        """Raise unless a new run may be written here: the folder is absent or empty, or (with ``overwrite``) medxai
+        provably wrote it and it holds nothing else (:meth:`check_deletable`); and it lies inside no other run
+        folder. Nothing is changed; call it before any long work.
 
         Raises:
             ConfigError: the folder exists and may not be replaced (the message says why and what to do).
         """
         check_folder_name(self.path.name)
+        enclosing = _enclosing_run(self.path.parent)
+        if enclosing is not None:
+            raise ConfigError(f"{self.path} would lie inside the run folder {enclosing}; put runs outside other "
+                              "runs (--out)")
         if self.path.exists() and not self.path.is_dir():
             raise ConfigError(f"{self.path} exists and is not a folder; choose another --name or --out")
         if self.path.is_dir() and any(self.path.iterdir()):
@@ -537,19 +734,14 @@ class RunFolder(EvaluationFolder):
                 raise ConfigError(
                     f"{self.path} already exists; use --resume to continue it or --overwrite to replace it"
                 )
-            if not self.is_run():
-                raise ConfigError(
-                    f"{self.path} exists and is not a medxai run folder (no readable {MODEL_CARD_FILE}, no "
-                    f"{CONFIG_FILE} of a run named {self.path.name!r}); refusing to delete it. Choose another --name "
-                    "or --out"
-                )
+            self.check_deletable()
 
-    def prepare_new(self, *, overwrite: bool, protected: Iterable[str | Path] = ()) -> None:
-        """Make the folder ready for a new run.
+    def prepare_new(self, *, overwrite: bool, protected: Iterable[str | Path] = ()) -> str:
+        """Make the folder ready for a new run and write its marker; return the new run id.
 
-        An absent or empty folder is created. An existing one is replaced only with ``overwrite`` and only when it is
-        provably a medxai run (:meth:`check_can_create`); anything else is refused and left as it is. ``protected``
-        paths (the data the run reads) may neither contain nor lie inside the run folder.
+        An absent or empty folder is created. An existing one is replaced only with ``overwrite`` and only when
+        medxai provably wrote it (:meth:`check_can_create`); anything else is refused and left as it is.
+        ``protected`` paths (the data the run reads) may neither contain nor lie inside the run folder.
 
         Raises:
             ConfigError: the folder exists and may not be replaced, or overlaps a protected path.
@@ -560,6 +752,7 @@ class RunFolder(EvaluationFolder):
             logger.info("--overwrite: removing the earlier run %s", self.path)
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
+        return self.write_marker()  # first: from here on the folder is provably a medxai run
 
     def check_resumable(self) -> None:
         """Raise unless the folder holds a run with training state to resume from."""
@@ -570,10 +763,84 @@ class RunFolder(EvaluationFolder):
 
     def check_no_overlap(self, protected: Iterable[str | Path]) -> None:
         """Refuse a run folder that is, contains or lies inside one of the ``protected`` paths (the data)."""
-        mine = self.path.resolve()
+        mine = _resolved(self.path)
         for item in protected:
-            other = Path(item).expanduser().resolve()
-            if mine == other or other.is_relative_to(mine) or mine.is_relative_to(other):
+            if _overlap(mine, _resolved(item)):
                 raise ConfigError(
                     f"run folder {self.path} overlaps the data at {item}; put runs outside the data (--out)"
                 )
+
+
+def _in_run_layout(relative: str) -> bool:
+    """Whether a path relative to a run folder is one medxai writes there (:data:`_RUN_LAYOUT`)."""
+    for suffix in _LEFTOVER_SUFFIXES:
+        relative = relative.removesuffix(suffix)
+    parts = relative.split("/")
+    return any(len(pattern.split("/")) == len(parts)
+               and all(fnmatch.fnmatchcase(part, wanted) for part, wanted in zip(parts, pattern.split("/")))
+               for pattern in _RUN_LAYOUT)
+
+
+# -- where outputs may go ---------------------------------------------------------------------------------------------
+def check_output_location(out: str | Path, *, inputs: Iterable[str | Path] = (), runs: Iterable[str | Path] = (),
+                          what: str = "--out") -> None:
+    """Refuse an output (a folder or a file) that is, contains or lies inside one of the ``inputs``, or that is,
+    contains or lies inside a run folder: one of ``runs``, or any folder that is provably a medxai run
+    (:meth:`RunFolder.is_run`). Links are resolved first.
+
+    An output inside its inputs is read back as input by the next run of the same command (``explain in/ --out
+    in/maps`` explains its own overlays); an output inside a run folder overwrites the run's files or becomes a file
+    the run does not own.
+
+    Args:
+        out: the output folder or file.
+        inputs: what the command reads (files, folders).
+        runs: run folders the command uses.
+        what: the option named in the message.
+
+    Raises:
+        ConfigError: naming the overlap and what to do.
+    """
+    target = _resolved(out)
+    advice = f"choose another {what}, outside the inputs and outside every run folder"
+    for item in inputs:
+        if _overlap(target, _resolved(item)):
+            raise ConfigError(f"{what} {out} overlaps the input {item} (an output may not be, contain or lie inside "
+                              f"what is read: it would be read back as input); {advice}")
+    for item in runs:
+        if _overlap(target, _resolved(item)):
+            raise ConfigError(f"{what} {out} overlaps the run folder {item}; {advice}")
+    enclosing = _enclosing_run(target)
+    if enclosing is not None:
+        raise ConfigError(f"{what} {out} lies inside the run folder {enclosing}; {advice}")
+    inner = _run_below(target)
+    if inner is not None:
+        raise ConfigError(f"{what} {out} contains the run folder {inner}; {advice}")
+
+
+def _resolved(path: str | Path) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def _overlap(first: Path, second: Path) -> bool:
+    """Whether two resolved paths are the same, or one lies inside the other."""
+    return first == second or first.is_relative_to(second) or second.is_relative_to(first)
+
+
+def _enclosing_run(path: str | Path) -> Path | None:
+    """The nearest of ``path`` and its parents that is a medxai run folder (:meth:`RunFolder.is_run`), if any."""
+    resolved = _resolved(path)
+    return next((folder for folder in (resolved, *resolved.parents) if RunFolder(folder).is_run()), None)
+
+
+def _run_below(path: Path) -> Path | None:
+    """A medxai run folder somewhere below ``path``, if any (links not followed; hidden and system folders such as
+    ``.git`` or a ``.venv`` are not searched: no run lies there, and they can hold many thousands of files)."""
+    if not path.is_dir():
+        return None
+    for folder, subfolders, files in os.walk(path):
+        subfolders[:] = [name for name in subfolders if not is_hidden_or_system(name)]
+        if folder != str(path) and {RUN_MARKER_FILE, MODEL_CARD_FILE, CONFIG_FILE} & set(files) \
+                and RunFolder(folder).is_run():
+            return Path(folder)
+    return None

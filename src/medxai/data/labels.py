@@ -3,8 +3,8 @@
 Two datasets rarely spell their classes alike: the Kermany folders say ``NORMAL``/``PNEUMONIA`` where PneumoniaMNIST
 says ``normal``/``pneumonia``; one brain MRI set says ``no_tumor``, another ``No Tumor``. :func:`match_labels` maps
 data labels to model labels ignoring case, spaces, hyphens and underscores, takes explicit ``DATA=MODEL`` pairs for
-anything else, and refuses (listing both sides) when a label is unknown or ambiguous, because a silently wrong mapping
-inverts every metric.
+anything else (both sides compared the same way), and refuses (listing both sides) when a label is unknown or
+ambiguous, because a silently wrong mapping inverts every metric.
 
 :func:`choose_positive_label` picks the positive (disease) class of a binary task by whole words, never by substring
 (``no_tumor`` contains ``tumor``; ``non_pneumonia`` contains ``pneumonia``): a name with a negating word (no, non,
@@ -50,25 +50,31 @@ def label_key(name: str) -> str:
 
 
 def parse_label_map(pairs: Sequence[str] | Mapping[str, str] | None) -> dict[str, str]:
-    """``["DATA=MODEL", ...]`` (the repeatable ``--label-map`` option) as a mapping; a mapping is returned as is.
+    """``["DATA=MODEL", ...]`` (the repeatable ``--label-map`` option), or a mapping, as a checked mapping.
 
     Raises:
-        ConfigError: an item without ``=`` or with an empty side, or a data label mapped twice.
+        ConfigError: an item without ``=`` or with an empty side, or a data label mapped twice to different model
+            labels (data labels compared as :func:`label_key` does: ``No Tumor`` and ``no_tumor`` are one label).
     """
     if pairs is None:
         return {}
-    if isinstance(pairs, Mapping):
-        return {str(key): str(value) for key, value in pairs.items()}
+    items = pairs.items() if isinstance(pairs, Mapping) else (_split_pair(pair) for pair in pairs)
     mapping: dict[str, str] = {}
-    for pair in pairs:
-        data, separator, model = str(pair).partition("=")
-        data, model = data.strip(), model.strip()
-        if not separator or not data or not model:
-            raise ConfigError(f"--label-map {pair!r} must look like DATA_LABEL=MODEL_LABEL")
-        if data in mapping and mapping[data] != model:
-            raise ConfigError(f"--label-map maps data label {data!r} twice ({mapping[data]!r} and {model!r})")
+    for data, model in items:
+        data, model = str(data).strip(), str(model).strip()
+        earlier = next((key for key in mapping if label_key(key) == label_key(data)), None)
+        if earlier is not None and label_key(mapping[earlier]) != label_key(model):
+            raise ConfigError(f"--label-map maps data label {data!r} twice ({mapping[earlier]!r} and {model!r})")
         mapping[data] = model
     return mapping
+
+
+def _split_pair(pair: str) -> tuple[str, str]:
+    """``"DATA=MODEL"`` as ``(DATA, MODEL)``; ConfigError when a side is missing."""
+    data, separator, model = str(pair).partition("=")
+    if not separator or not data.strip() or not model.strip():
+        raise ConfigError(f"--label-map {pair!r} must look like DATA_LABEL=MODEL_LABEL")
+    return data, model
 
 
 def match_labels(
@@ -87,8 +93,8 @@ def match_labels(
     Args:
         data_labels: the data source's label names, in index order.
         model_labels: the model's label names, in index order.
-        label_map: explicit ``{data: model}`` pairs (or ``["DATA=MODEL", ...]``); the model side may be written in
-            any case, as :func:`label_key` compares.
+        label_map: explicit ``{data: model}`` pairs (or ``["DATA=MODEL", ...]``); either side may be written as
+            :func:`label_key` compares (``--label-map "no tumor=normal"`` names the data label ``No_Tumor``).
         where: what the data is, for error messages.
 
     Returns:
@@ -104,14 +110,17 @@ def match_labels(
     for index, name in enumerate(models):
         by_key.setdefault(label_key(name), []).append(index)
     sides = f"data labels {list(data_labels)}, model labels {models}"
-    stray = sorted(set(mapping) - set(data_labels))
+    data_keys = {label_key(name) for name in data_labels}
+    stray = sorted(data for data in mapping if label_key(data) not in data_keys)
     if stray:
         raise DataError(f"{where}: --label-map names {stray}, which are not data labels ({sides})")
+    by_data_key = {label_key(data): model for data, model in mapping.items()}  # parse_label_map: one model each
+    mapped = {name: by_data_key.get(label_key(name)) for name in data_labels}
 
     result: dict[int, int] = {}
     unknown, ambiguous = [], []
     for index, name in enumerate(data_labels):
-        wanted = mapping.get(name, name)
+        wanted = mapped[name] or name
         if wanted in models:
             result[index] = models.index(wanted)
             continue
@@ -120,7 +129,7 @@ def match_labels(
             result[index] = candidates[0]
         elif candidates:
             ambiguous.append(f"{name!r} (could be {[models[i] for i in candidates]})")
-        elif name in mapping:
+        elif mapped[name] is not None:
             raise DataError(f"{where}: --label-map {name}={wanted}: {wanted!r} is not a model label ({sides})")
         else:
             unknown.append(name)

@@ -24,7 +24,7 @@ from medxai.errors import ConfigError
 from medxai.jobs.evaluate import select_records
 from medxai.jobs.train import finish_run
 from medxai.models.card import ModelCard
-from medxai.models.checkpoint import load_weights
+from medxai.models.checkpoint import check_binding, load_weights
 from medxai.models.ensemble import ENSEMBLE_ARCHITECTURE, EnsembleModel
 from medxai.run_folder import RunFolder, check_folder_name
 from medxai.train import BatchContext, resolve_device
@@ -48,19 +48,23 @@ def build_ensemble(
     if len(run_dirs) < 2:
         raise ConfigError(f"an ensemble needs at least two runs, got {len(run_dirs)}")
     members = [RunFolder(path) for path in run_dirs]
+    cards = []
     for member in members:
         member.check_is_run()
-    cards = [member.read_card() for member in members]
+        member.check_finished()
+        cards.append(member.read_card())
+        check_binding(cards[-1], member.weights_path("best"), card_name=f"{member.path.name}/{member.card_path.name}")
     _check_compatible(members, cards)
     run = RunFolder(Path(out_dir) / check_folder_name(name))
     if any(run.path.resolve() == member.path.resolve() for member in members):
         raise ConfigError(f"the ensemble {run.path} may not replace one of its members")
     run.check_can_create(overwrite=overwrite)
     config = _ensemble_config(members[0].read_config(), run, device)
-    run.prepare_new(overwrite=overwrite)
+    run_id = run.prepare_new(overwrite=overwrite)
     run.write_config(config)
     model = EnsembleModel([load_weights(member.weights_path("best"), card)[0] for member, card in zip(members, cards)])
     card = _ensemble_card(model, cards, members)
+    card.run_id = run_id
     run.write_card(card)
     run.write_splits(members[0].read_splits())
     data_check = members[0].read_data_check()

@@ -28,7 +28,7 @@ import torch
 from medxai.classifier import Classifier
 from medxai.config import InferenceConfig, TrainConfig
 from medxai.data import Record, Source, open_source
-from medxai.data.labels import match_labels
+from medxai.data.labels import match_labels, parse_label_map
 from medxai.data.prepared import PreparedSplit, prepare_split, preparation_options
 from medxai.errors import ConfigError, DataError
 from medxai.evaluate.calibration import LogitCalibrator, card_calibrator
@@ -113,9 +113,11 @@ def evaluate_run(
         CheckpointError: ``run_dir`` is not a run folder.
     """
     inference = inference or InferenceConfig()
+    label_map = parse_label_map(label_map)  # a malformed pair is refused before any work
     run = RunFolder(run_dir)
     run.check_is_run()
-    classifier = Classifier.from_run(run.path, device=inference.device, batch_size=inference.batch_size)
+    classifier = Classifier.from_run(run.path, device=inference.device, batch_size=inference.batch_size,
+                                     allow_unfinished=inference.allow_unfinished)
     card = classifier.card
     source = open_source(data, patient_pattern=patient_pattern, split_folders=split_folders)
     label_mapping = match_labels(source.label_names, card.label_names, label_map, where=str(data))

@@ -108,7 +108,7 @@ def evaluate_explanations(
         raise ConfigError("name at least one CAM method")
     run = RunFolder(run_dir)
     run.check_is_run()
-    classifier = Classifier.from_run(run.path, device=inference.device)
+    classifier = Classifier.from_run(run.path, device=inference.device, allow_unfinished=inference.allow_unfinished)
     source = open_source(data, split_folders=split_folders)
     label_mapping = match_labels(source.label_names, classifier.card.label_names, label_map, where=str(data))
     fingerprint = source.fingerprint()

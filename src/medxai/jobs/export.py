@@ -32,8 +32,9 @@ from medxai.errors import (
 )
 from medxai.jobs.evaluate import select_records
 from medxai.jobs.names import InputNames
+from medxai.models.checkpoint import GUARD_DIGEST_KEY, NO_GUARD
 from medxai.models.onnx import ONNX_OPSET, OnnxModel, export_onnx, file_sha256, parity
-from medxai.run_folder import RunFolder, onnx_card_path_for, write_onnx_card
+from medxai.run_folder import RunFolder, check_output_location, onnx_card_path_for, write_onnx_card
 
 __all__ = ["EXPORT_FORMATS", "PARITY_IMAGES", "PARITY_TOLERANCE", "ExportResult", "export_run"]
 
@@ -67,6 +68,7 @@ def export_run(
     checkpoint: str = "best",
     device: str = "cpu",
     overwrite: bool = False,
+    allow_unfinished: bool = False,
 ) -> ExportResult:
     """Export a run's network and check it against PyTorch.
 
@@ -79,11 +81,14 @@ def export_run(
         checkpoint: ``best``, ``last`` or ``ema``.
         device: where both backends run for the parity check.
         overwrite: replace an existing ``out`` (or its card); a run folder's own export is always replaced.
+        allow_unfinished: export a run whose training stopped before the end.
 
     Raises:
-        ConfigError: another format, an existing ``out`` without ``overwrite``, ONNX not installed, or an
+        ConfigError: another format, an existing ``out`` without ``overwrite``, an ``out`` inside the parity images
+            or inside a run folder other than as the run's own ``model.onnx``, ONNX not installed, or an
             architecture that cannot be exported.
-        CheckpointError: not a run, or the export misses the parity tolerance (nothing is kept then).
+        CheckpointError: not a run, an unfinished run, or the export misses the parity tolerance (nothing is kept
+            then).
         DataError: none of the given ``images`` could be read.
     """
     if format not in EXPORT_FORMATS:
@@ -92,12 +97,16 @@ def export_run(
     run.check_is_run()
     path = run.onnx_path if out is None else Path(out)
     card_path = run.onnx_card_path if out is None else onnx_card_path_for(path)
+    own_export = path.resolve() == run.onnx_path.resolve()
+    if not own_export:
+        check_output_location(path, inputs=images or [], runs=[run.path])
     if out is not None and not overwrite:
         existing = [str(item) for item in (path, card_path) if item.exists()]
-        if existing and path.resolve() != run.onnx_path.resolve():
+        if existing and not own_export:
             raise ConfigError(f"{', '.join(existing)} already exist(s); use --overwrite to replace")
-    classifier = Classifier.from_run(run.path, checkpoint=checkpoint, device=device)
+    classifier = Classifier.from_run(run.path, checkpoint=checkpoint, device=device, allow_unfinished=allow_unfinished)
     weights_sha256 = file_sha256(run.weights_path(checkpoint))  # what the onnxruntime backend checks against
+    guard_sha256 = file_sha256(run.domain_guard_path) if run.domain_guard_path.is_file() else NO_GUARD
     partial = path.with_name(path.name + ".partial")
     facts = export_onnx(classifier.model, classifier.card, partial, opset=opset)
     facts["checkpoint"] = checkpoint
@@ -119,6 +128,7 @@ def export_run(
         "export": facts,
         "parity": check,
         "source_weights_sha256": weights_sha256,
+        GUARD_DIGEST_KEY: guard_sha256,  # the onnxruntime backend refuses another guard
     }
     write_onnx_card(card_path, document)
     logger.info("wrote %s (%s exporter, opset %s); parity on %d images (%s): max |logit difference| %.2g", path,

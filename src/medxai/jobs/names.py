@@ -26,6 +26,8 @@ from medxai.run_folder import safe_file_stem
 
 __all__ = ["InputFile", "InputNames", "HASH_KEY_ENV"]
 
+logger = logging.getLogger(__name__)
+
 #: Environment variable holding a secret that keys the pseudonyms of ``--hash-names``.
 HASH_KEY_ENV = "MEDXAI_HASH_KEY"
 _MIN_REDACTED_LENGTH = 5  # shorter names ("1.png") are left alone in logs, not to mangle unrelated text
@@ -51,7 +53,9 @@ class InputNames:
 
     Args:
         items: files and folders as the user gave them; folders are expanded recursively (sorted; links to folders
-            are listed as skipped, not followed; hidden and system clutter such as ``.DS_Store`` is not an input).
+            are listed as skipped, not followed; hidden files such as ``.DS_Store`` and system files such as
+            ``Thumbs.db`` are listed as skipped, not read; hidden and system folders such as ``.git`` and
+            ``__MACOSX`` are left out, and how many is logged once).
         hash_names: name inputs by pseudonyms instead of their paths.
     """
 
@@ -62,15 +66,28 @@ class InputNames:
         self._real: dict[str, str] = {}  # real spelling -> name, for redaction
         self._key = os.environ.get(HASH_KEY_ENV, "").encode()
         stems: set[str] = set()
+        left_out: list[Path] = []  # hidden and system folders
         for item in items:
-            for path, relative in _expand(Path(item)):
-                reason = "hidden or system file" if is_hidden_or_system(path) else special_file_reason(path)
+            for path, relative in _expand(Path(item), left_out):
+                reason = _hidden_reason(path) or special_file_reason(path)
                 name = self._name(path, relative)
                 if reason is not None:
                     self.skipped.append((name, reason))
                     continue
                 stem = _unique(name if hash_names else _stem_of(relative), stems)
                 self.files.append(InputFile(path, name, stem))
+        if left_out:  # counted, not named: a folder name can be an identifier too
+            logger.info("left out %d hidden or system folder(s) (such as .git or __MACOSX) and what they hold",
+                        len(left_out))
+
+    @property
+    def naming(self) -> dict[str, str]:
+        """How inputs are named, as batch jobs record it beside their results: by their paths, or by pseudonyms
+        with a fingerprint of the key (an HMAC of a fixed text: it tells keys apart and reveals nothing of them)."""
+        if not self.hash_names:
+            return {"names": "paths"}
+        fingerprint = hmac.new(self._key, b"medxai pseudonym key fingerprint", hashlib.sha256).hexdigest()[:16]
+        return {"names": "pseudonyms", "key_fingerprint": fingerprint}
 
     def __len__(self) -> int:
         """Every entry found: files to read and entries skipped while listing."""
@@ -131,8 +148,16 @@ class _RedactingFilter(logging.Filter):
         return True
 
 
-def _expand(path: Path) -> Iterator[tuple[Path, Path]]:
-    """``(path, path relative to the folder it was found in)`` for a file, or for everything under a folder."""
+def _hidden_reason(path: Path) -> str | None:
+    """Why a hidden or system file is not read (it is listed as skipped), or None."""
+    if not is_hidden_or_system(path):
+        return None
+    return "hidden file" if path.name.startswith(".") else "system file"
+
+
+def _expand(path: Path, left_out: list[Path]) -> Iterator[tuple[Path, Path]]:
+    """``(path, path relative to the folder it was found in)`` for a file, or for every file under a folder; hidden
+    and system folders under it are appended to ``left_out`` instead."""
     if not path.is_dir():  # a file, or whatever else was named: special_file_reason judges it
         yield path, Path(path.name)
         return
@@ -141,13 +166,13 @@ def _expand(path: Path) -> Iterator[tuple[Path, Path]]:
         for name in list(subfolders):
             child = Path(folder, name)
             if is_hidden_or_system(name):
-                subfolders.remove(name)  # an OS's clutter folder (.git, __MACOSX): not an input, not listed
+                subfolders.remove(name)  # an OS's or a tool's folder (.git, __MACOSX): not an input
+                left_out.append(child)
             elif child.is_symlink():
                 yield child, child.relative_to(path)  # listed as skipped: links to folders are not followed
         for name in sorted(files):
-            if not is_hidden_or_system(name):  # .DS_Store, Thumbs.db: clutter, not inputs
-                child = Path(folder, name)
-                yield child, child.relative_to(path)
+            child = Path(folder, name)
+            yield child, child.relative_to(path)
 
 
 def _stem_of(relative: Path) -> str:

@@ -31,6 +31,7 @@ from medxai.explain.overlay import OUT_OF_DOMAIN_BANNER
 from medxai.explain.tta import parse_tta
 from medxai.jobs.names import InputFile, InputNames
 from medxai.jobs.results import ResultsJournal
+from medxai.run_folder import check_output_location
 
 __all__ = [
     "EXPLAIN_CHUNK",
@@ -134,15 +135,16 @@ def predict_files(
     check_ood_action(ood_action)
     if resume and out is None:
         raise ConfigError("--resume needs --out: the folder whose predictions.csv is continued")
+    if out is not None:
+        check_output_location(out, inputs=items, runs=[run_dir])
     names = InputNames(items, hash_names=hash_names)
     with names.redacted_logs(), contextlib.ExitStack() as stack:
         classifier = Classifier.from_run(run_dir, device=inference.device, batch_size=inference.batch_size, tta=tta,
-                                         backend=backend)
+                                         backend=backend, allow_unfinished=inference.allow_unfinished)
         label_names = classifier.label_names
         journal = None if out is None else stack.enter_context(
-            ResultsJournal(out, prediction_columns(label_names), resume=resume))
+            ResultsJournal(out, prediction_columns(label_names), names, resume=resume))
         result = BatchResult(classifier, len(names))
-        done = journal.done if journal is not None else set()
 
         def predict(files: list[InputFile]) -> list[Prediction]:
             return classifier.predict([file.path for file in files], ids=[file.name for file in files])
@@ -160,8 +162,8 @@ def predict_files(
             if on_results is not None:
                 on_results(predictions, skipped)
 
-        deliver([], [entry for entry in names.skipped if entry[0] not in done])
-        todo = [file for file in names.files if file.name not in done]
+        listed, todo = journal.pending() if journal is not None else (names.skipped, names.files)
+        deliver([], listed)
         for predictions, skipped in _stream(names, todo, predict, chunk_size(classifier.batch_size), "predict"):
             deliver(predictions, skipped)
         if journal is not None:
@@ -203,13 +205,14 @@ def explain_files(
     check_ood_action(ood_action)
     if dicom.copy_patient and dicom.deidentify:
         raise ConfigError("--dicom-sc-copy-patient and --dicom-sc-deidentify contradict each other; choose one")
+    check_output_location(out, inputs=items, runs=[run_dir])
     names = InputNames(items, hash_names=hash_names)
     folder = Path(out)
     with names.redacted_logs(), contextlib.ExitStack() as stack:
         classifier = Classifier.from_run(run_dir, device=inference.device, batch_size=inference.batch_size,
-                                         tta=parse_tta(explain.tta))
+                                         tta=parse_tta(explain.tta), allow_unfinished=inference.allow_unfinished)
         label_names = classifier.label_names
-        journal = stack.enter_context(ResultsJournal(folder, prediction_columns(label_names), resume=resume))
+        journal = stack.enter_context(ResultsJournal(folder, prediction_columns(label_names), names, resume=resume))
         result = BatchResult(classifier, len(names))
         stems = {file.name: file for file in names.files}
         workers = writers or _writer_threads()
@@ -227,8 +230,8 @@ def explain_files(
             return classifier.explain([file.path for file in files], ids=[file.name for file in files],
                                       method=explain.method, target=target, layer=explain.layer)
 
-        journal.write([], [entry for entry in names.skipped if entry[0] not in journal.done])
-        todo = [file for file in names.files if file.name not in journal.done]
+        listed, todo = journal.pending()
+        journal.write([], listed)
         for explanations, skipped in _stream(names, todo, explain_batch, chunk_size(classifier.batch_size, explaining=True),
                                              "explain"):
             explanations, out_of_domain = _apply_ood_action(explanations, ood_action, lambda item: item.prediction)

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from medxai.classifier import Classifier, Explanation, Prediction
+from medxai.classifier import Classifier, Explanation, Prediction, read_run_card
 from medxai.config import ExplainConfig
 from medxai.errors import ConfigError
 from medxai.explain.tta import parse_tta
@@ -46,7 +46,7 @@ from medxai.jobs.predict import (
     write_explanation_files,
 )
 from medxai.jobs.results import ResultsJournal, prediction_schema
-from medxai.run_folder import RunFolder
+from medxai.run_folder import check_output_location
 
 __all__ = ["RayBatchResult", "predict_with_ray", "ray_session"]
 
@@ -92,6 +92,7 @@ def predict_with_ray(
     explain: ExplainConfig | None = None,
     target: int | str | None = None,
     resume: bool = False,
+    allow_unfinished: bool = False,
 ) -> RayBatchResult:
     """Classify (and with ``explain``, explain) files and folders on Ray, writing into ``out`` what
     :func:`~medxai.jobs.predict.predict_files` (:func:`~medxai.jobs.predict.explain_files`) writes there.
@@ -116,10 +117,12 @@ def predict_with_ray(
             honoured).
         target: the class to explain (index or label name); None: the label the decision rule reports.
         resume: keep what ``out`` holds already and process only the inputs in neither of its files.
+        allow_unfinished: use a run whose training stopped before the end.
 
     Raises:
-        ConfigError: Ray is not installed, the cluster cannot be reached, or an option is invalid.
-        CheckpointError: ``run_dir`` is not a trained run.
+        ConfigError: Ray is not installed, the cluster cannot be reached, an option is invalid, or ``out`` overlaps
+            the inputs or a run folder.
+        CheckpointError: ``run_dir`` is not a trained run, is unfinished, or its card is not its weights'.
     """
     check_ood_action(ood_action)
     if actors is not None and actors < 1:
@@ -127,17 +130,18 @@ def predict_with_ray(
     if batch_size is not None and batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
     device = _check_device(device)
+    check_output_location(out, inputs=items, runs=[run_dir])
     _import_ray()  # fail before any work when the extra is missing
-    run = RunFolder(run_dir)
-    run.check_is_run()
-    label_names = list(run.read_card().label_names)
+    run, card = read_run_card(run_dir, allow_unfinished=allow_unfinished)  # refused here, before any actor loads it
+    label_names = list(card.label_names)
     batch_size = batch_size or chunk_size(run.training_config().batch_size, explaining=explain is not None)
     folder = Path(out)
     names = InputNames(items, hash_names=hash_names)
     result = RayBatchResult(inputs=len(names))
-    with names.redacted_logs(), ResultsJournal(folder, prediction_columns(label_names), resume=resume) as journal:
-        journal.write([], [entry for entry in names.skipped if entry[0] not in journal.done])
-        todo = [file for file in names.files if file.name not in journal.done]
+    with names.redacted_logs(), ResultsJournal(folder, prediction_columns(label_names), names,
+                                                resume=resume) as journal:
+        listed, todo = journal.pending()
+        journal.write([], listed)
         if todo:
             with ray_session(address) as ray:
                 pool = _pool(ray, actors, device, batches=math.ceil(len(todo) / batch_size))
@@ -147,7 +151,8 @@ def predict_with_ray(
                             f"{pool.gpus_per_actor:g} GPU each" if pool.gpus_per_actor else "CPU", batch_size)
                 worker = {"run_dir": str(run.path.resolve()), "device": pool.device, "batch_size": batch_size,
                           "threads": pool.threads, "label_names": label_names, "ood_action": ood_action,
-                          "explain": explain, "target": target, "out": str(folder.resolve())}
+                          "explain": explain, "target": target, "out": str(folder.resolve()),
+                          "allow_unfinished": allow_unfinished}
                 for table in _run(ray, todo, batch_size, pool, worker):
                     rows, skipped = _split(table, names)
                     journal.write(rows, skipped)
@@ -318,10 +323,12 @@ class _Predictor:
     """A Ray Data actor: loads the run once, then predicts (and explains) one batch of file rows per call."""
 
     def __init__(self, *, run_dir: str, device: str, batch_size: int, threads: int, label_names: list[str],
-                 ood_action: str, explain: ExplainConfig | None, target: int | str | None, out: str) -> None:
+                 ood_action: str, explain: ExplainConfig | None, target: int | str | None, out: str,
+                 allow_unfinished: bool) -> None:
         torch.set_num_threads(threads)
         self.classifier = Classifier.from_run(run_dir, device=device, batch_size=batch_size,
-                                              tta=parse_tta(explain.tta) if explain is not None else ())
+                                              tta=parse_tta(explain.tta) if explain is not None else (),
+                                              allow_unfinished=allow_unfinished)
         self.label_names = label_names
         self.ood_action = ood_action
         self.explain = explain

@@ -143,6 +143,7 @@ def _train(config: RunConfig, job: Distributed, device_name: str, *, resume: boo
     )
     card = _new_card(model, config, source, positive, plan)
     if job.is_main:
+        card.run_id = run.read_run_id()  # the marker's: card and weights name the run they belong to
         run.write_card(card)
     job.barrier()  # rank 0's data check and writes (minutes on a large set) are done before DDP's first collective
     context = BatchContext(
@@ -171,14 +172,14 @@ def _train(config: RunConfig, job: Distributed, device_name: str, *, resume: boo
 
 def _after_restart(run: RunFolder, resume: bool, overwrite: bool) -> tuple[bool, bool]:
     """After ``torchrun`` restarted the workers (``--max-restarts``), continue from the last checkpoint the failed
-    attempt wrote, or, when it failed before its first epoch ended, start its run folder again (only a medxai run
-    folder: the one the failed attempt began)."""
+    attempt wrote, or, when it failed before its first epoch ended, start its run folder again (only a folder medxai
+    provably wrote and that holds nothing else: the one the failed attempt began)."""
     if not distributed.restart_count() or resume:
         return resume, overwrite
     try:
         run.check_resumable()
     except ConfigError:
-        if run.is_run():
+        if run.is_deletable():
             logger.warning("restart %d: no checkpoint yet in %s; starting the run again",
                            distributed.restart_count(), run.path)
             return False, True
@@ -209,9 +210,12 @@ def finish_run(
     if guard is not None:
         guard.save(run.domain_guard_path)
         card.domain = guard.describe()
+    else:  # a guard an earlier attempt left must not pass for this model's
+        run.domain_guard_path.unlink(missing_ok=True)
     run.write_card(card)
-    # The weights' own copy of the card gets the calibration and threshold too (it travels without the run folder).
-    save_weights(model, card, run.weights_path("best"))
+    # The weights' own copy of the card gets the calibration and threshold too (it travels without the run folder),
+    # and the digest of the card's bound fields and of the guard file: a card or guard changed later is refused.
+    save_weights(model, card, run.weights_path("best"), guard_path=run.domain_guard_path if guard else None)
     evaluations = [
         evaluate_prepared(
             model, prepared[name], name, card, context, logits=val_logits if name == "val" else None,

@@ -3,18 +3,36 @@
 ``evaluate``, ``predict``, ``explain`` and ``serve`` rebuild the exact pipeline from it: architecture, label names,
 the full preprocessing (including normalisation statistics measured on train), the Grad-CAM layer, the calibration
 temperature and the operating threshold (cf. timm's ``PretrainedCfg`` and torchxrayvision's model metadata).
+
+The fields that decide what a prediction means (:data:`BOUND_FIELDS`) are bound to the weights: the weights file
+stores their digest (:meth:`ModelCard.bound_digest`), so a ``model_card.json`` edited afterwards, or copied from
+another run, is refused instead of silently renaming the classes (:mod:`medxai.models.checkpoint`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from medxai.config import PreprocessConfig, build_config
 from medxai.errors import CheckpointError, ConfigError
 
-__all__ = ["ModelCard"]
+__all__ = ["ModelCard", "BOUND_FIELDS", "NETWORK_FIELDS"]
+
+#: The card's fields that decide what the weights' outputs mean: which network and classes, how inputs are
+#: prepared, where CAMs look, how logits become probabilities and decisions, the domain guard's facts, an ensemble's
+#: members, and the run the weights belong to. ``metrics``, ``train_data``, the texts and the domain guard's
+#: ``probes`` (measured after the weights are saved) are descriptions and may be rewritten.
+BOUND_FIELDS = ("architecture", "num_classes", "label_names", "positive_label", "preprocess", "cam_layer",
+                "classifier", "dropout", "temperature", "calibration", "threshold", "domain", "members", "run_id")
+#: The bound fields every checkpoint of a run shares (the network, its classes and inputs, the run); calibration,
+#: threshold and domain guard are fitted after training for the best weights only.
+NETWORK_FIELDS = ("architecture", "num_classes", "label_names", "positive_label", "preprocess", "cam_layer",
+                  "classifier", "dropout", "members", "run_id")
+_UNBOUND_DOMAIN_KEYS = ("probes",)
 
 DEFAULT_INTENDED_USE = (
     "Research and education: studying image classification and its explanations on medical images. "
@@ -61,6 +79,9 @@ class ModelCard:
     intended_use: str = DEFAULT_INTENDED_USE
     limitations: str = DEFAULT_LIMITATIONS
     medxai_version: str = field(default_factory=_version)
+    # The random id of the run folder these weights were trained in (its marker file, medxai.run_folder); None in
+    # cards written before run ids existed.
+    run_id: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.preprocess, dict):  # the JSON form, as a convenience for callers building a card
@@ -99,6 +120,24 @@ class ModelCard:
     def to_dict(self) -> dict[str, Any]:
         return json.loads(self.to_json())
 
+    def bound_fields(self) -> dict[str, Any]:
+        """The :data:`BOUND_FIELDS` in their JSON form (the domain guard's facts without its probe rates)."""
+        plain = self.to_dict()
+        bound = {key: plain[key] for key in BOUND_FIELDS}
+        bound["domain"] = {key: value for key, value in (bound["domain"] or {}).items()
+                           if key not in _UNBOUND_DOMAIN_KEYS}
+        return bound
+
+    def bound_digest(self) -> str:
+        """SHA-256 (hex) of :meth:`bound_fields` as canonical JSON: what the weights file stores."""
+        text = json.dumps(self.bound_fields(), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+        return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+    def bound_differences(self, other: ModelCard, fields: Sequence[str] = BOUND_FIELDS) -> list[str]:
+        """The bound ``fields`` whose values differ between two cards, in :data:`BOUND_FIELDS` order."""
+        mine, theirs = self.bound_fields(), other.bound_fields()
+        return [key for key in BOUND_FIELDS if key in fields and mine[key] != theirs[key]]
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 
@@ -111,6 +150,7 @@ class ModelCard:
         absent = sorted(required - set(values))
         if absent:
             raise CheckpointError(f"model card lacks {absent}")
+        _check_types(values)
         card = cls(**{key: value for key, value in values.items() if key in known})
         for old_key, value in (("input_size", card.input_size), ("in_chans", card.in_chans)):
             if old_key in values and values[old_key] != value:
@@ -118,3 +158,26 @@ class ModelCard:
                     f"model card's {old_key} {values[old_key]} disagrees with its preprocessing ({value})"
                 )
         return card
+
+
+#: The JSON types of the card's fields (None allowed where the field is optional), checked before a card is built
+#: from a file: a card is read from disk, where anyone may have edited it.
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "architecture": (str,), "num_classes": (int,), "label_names": (list,), "preprocess": (dict,),
+    "cam_layer": (str,), "classifier": (str,), "dropout": (int, float), "positive_label": (str, type(None)),
+    "temperature": (int, float), "threshold": (dict,), "calibration": (dict, type(None)), "domain": (dict,),
+    "members": (list,), "train_data": (dict,), "metrics": (dict,), "intended_use": (str,), "limitations": (str,),
+    "medxai_version": (str,), "run_id": (str, type(None)),
+}
+
+
+def _check_types(values: dict[str, Any]) -> None:
+    """Raise :class:`CheckpointError` naming the first field of the wrong JSON type."""
+    for key, types in _FIELD_TYPES.items():
+        value = values.get(key, types[0]())  # absent: the field's default applies
+        if not isinstance(value, types) or isinstance(value, bool):  # JSON true is not a number
+            raise CheckpointError(f"model card field {key!r} has the wrong type ({type(value).__name__})")
+    if not all(isinstance(name, str) for name in values["label_names"]):
+        raise CheckpointError("model card field 'label_names' must be a list of names")
+    if not all(isinstance(member, dict) for member in values.get("members", [])):
+        raise CheckpointError("model card field 'members' must be a list of objects")

@@ -2,8 +2,9 @@
 
 The engine decodes uploads (in the request's thread, from memory, with the readers' content sniffing and the
 service's own limits), runs batches the :class:`~medxai.serve.batcher.MicroBatcher` gathered (on its one worker
-thread), and says what the model is (``id``: the run folder's name; ``version``: the first 12 hex digits of the
-weights' SHA-256, so that a retrained model never answers under an old version).
+thread), and says what the model is (``id``: the run folder's name; ``version``: the first 12 hex digits of a SHA-256
+over the weights, the model card's bound fields and the domain guard, so that a retrained model, an edited card or
+another guard never answers under an old version).
 
 Decoding memory is bounded per upload and in total: each upload's decode cost is estimated from its header before a
 byte is decoded (:func:`~medxai.data.readers.probe_image_bytes`); one beyond ``--max-decoded-mb`` is refused at once
@@ -29,6 +30,7 @@ from medxai.config import ServeConfig
 from medxai.data.readers import ReadLimits, probe_image_bytes, read_image_bytes
 from medxai.errors import ConfigError, MedxaiError
 from medxai.explain import CAM_METHODS, get_cam_method
+from medxai.models.onnx import file_sha256
 from medxai.run_folder import RunFolder
 
 __all__ = ["PREDICT", "UPLOAD_NAME", "DecodeBudget", "Engine", "ModelIdentity", "explain_key", "upload_limits"]
@@ -48,7 +50,7 @@ def explain_key(method: str, target: str | None) -> tuple[str, str, str | None]:
 
 @dataclass(frozen=True)
 class ModelIdentity:
-    """What answers: the run's name and a content version of its weights."""
+    """What answers: the run's name and a content version of its weights, card and domain guard."""
 
     id: str
     version: str
@@ -135,10 +137,10 @@ class Engine:
         ``config.max_batch``; uploads decoded within ``config``'s limits and budget."""
         run = RunFolder(run_dir)
         classifier = Classifier.from_run(run.path, device=config.device, batch_size=config.max_batch,
-                                         backend=config.backend)
+                                         backend=config.backend, allow_unfinished=config.allow_unfinished)
         if config.channels_last:
             classifier.use_channels_last()
-        identity = ModelIdentity(run.path.name, _weights_version(run), classifier.card.medxai_version)
+        identity = ModelIdentity(run.path.name, _weights_version(run, classifier), classifier.card.medxai_version)
         return cls(classifier, identity, config)
 
     @property
@@ -217,9 +219,13 @@ class Engine:
                     self.identity.version, self.backend, self.classifier.device)
 
 
-def _weights_version(run: RunFolder) -> str:
-    digest = hashlib.sha256()
-    with run.weights_path("best").open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:12]
+def _weights_version(run: RunFolder, classifier: Classifier) -> str:
+    """The first 12 hex digits of a SHA-256 over everything that decides the answers: the network's file (the best
+    weights, or the ONNX export when the weights are not there), the bound fields of the card
+    (:meth:`~medxai.models.card.ModelCard.bound_digest`) and the domain guard file."""
+    network = run.weights_path("best")
+    if classifier.backend == "onnxruntime" and not network.is_file():
+        network = run.onnx_path
+    guard = run.domain_guard_path
+    parts = (file_sha256(network), classifier.card.bound_digest(), file_sha256(guard) if guard.is_file() else "none")
+    return hashlib.sha256(":".join(parts).encode("ascii")).hexdigest()[:12]
