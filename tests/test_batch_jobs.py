@@ -105,7 +105,7 @@ def test_a_killed_predict_resumed_ends_with_every_input_once(demo_like_run, tmp_
     out = tmp_path / "out"
     command = [sys.executable, "-m", "medxai", "predict", str(demo_like_run), str(inputs), "--out", str(out),
                "--device", "cpu", "--batch-size", "16"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     predictions = out / "predictions.csv"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
@@ -113,7 +113,8 @@ def test_a_killed_predict_resumed_ends_with_every_input_once(demo_like_run, tmp_
             break
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
-    process.wait(30)
+    _, errors = process.communicate(timeout=30)
+    assert predictions.is_file(), f"the job ended (code {process.returncode}) before writing: {errors[-2000:]}"
     written_before = len(csv_rows(predictions))
     assert 0 < written_before < 2500, "the job was not killed midway; make the folder larger"
     finished = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=300, check=False)

@@ -561,7 +561,7 @@ def test_a_bounded_schemathesis_run_finds_no_server_error(server, tmp_path):
     url, _ = server
     command = [sys.executable, "-m", "schemathesis.cli", "run", f"{url}/openapi.json", "--checks",
                "not_a_server_error", "--max-examples", "12", "--seed", "1", "--workers", "1",
-               "--phases", "examples,coverage,fuzzing", "--max-time", "30", "--no-color"]
+               "--phases", "examples,coverage,fuzzing", "--max-time", "10", "--no-color"]
     finished = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert finished.returncode == 0, finished.stdout[-4000:] + finished.stderr[-2000:]
     generated = re.search(r"(\d+) generated, (\d+) passed", finished.stdout)

@@ -6,6 +6,7 @@ the per-file ones (:class:`InvalidImageError`), list them in ``skipped.csv`` and
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 __all__ = [
@@ -69,3 +70,18 @@ class ModelError(MedxaiError):
 
 class DistributedError(MedxaiError):
     """A distributed (``torchrun``) job cannot go on: a rank did not join or failed, or the agent is gone."""
+
+
+# An absolute path: POSIX ("/srv/runs/x", two components at least, so "a/b" ratios and "/" alone are not paths),
+# Windows ("C:\runs", "\\server\share"), a home ("~/x") or a file URL. Not preceded by a word character, a dot or a
+# colon, so "image/png", "3/4" and "http://..." stay.
+_ABSOLUTE_PATH = re.compile(
+    r"(?<![\w.:/~-])(?:file://)?(?:~|[A-Za-z]:)?(?:[/\\]{1,2}[^\s/\\:'\"<>|,;()]+){2,}[/\\]?"
+    r"|(?<![\w.:/~-])~[/\\][^\s:'\"<>|,;()]+"
+)
+
+
+def scrub_paths(text: str) -> str:
+    """``text`` with every absolute file path replaced by ``<path>``: what reaches a user who is not the operator
+    (a service's answer, a reason in ``skipped.csv`` quoting an exception) never shows the server's files."""
+    return _ABSOLUTE_PATH.sub("<path>", text)

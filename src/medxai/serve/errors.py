@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import uuid
 
 from fastapi import FastAPI, Request
@@ -19,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from medxai.errors import ConfigError, ImageTooLargeError, InvalidImageError
+from medxai.errors import ConfigError, ImageTooLargeError, InvalidImageError, scrub_paths
 from medxai.serve.batcher import QueueFullError
 
 __all__ = ["ANSWER", "RETRY_AFTER_S", "ServiceError", "error_response", "install_error_handlers",
@@ -30,21 +29,6 @@ logger = logging.getLogger(__name__)
 #: Scope key: the :class:`ServiceError` a request was answered with (the gate's audit row and log line read it).
 ANSWER = "medxai.answer"
 RETRY_AFTER_S = 1  # what a refusal for load (queue full, busy, too many requests) asks to wait
-
-# An absolute path: POSIX ("/srv/runs/x", two components at least, so "a/b" ratios and "/" alone are not paths),
-# Windows ("C:\runs", "\\server\share"), a home ("~/x") or a file URL. Not preceded by a word character, a dot or a
-# colon, so "image/png", "3/4" and "http://..." stay.
-_ABSOLUTE_PATH = re.compile(
-    r"(?<![\w.:/~-])(?:file://)?(?:~|[A-Za-z]:)?(?:[/\\]{1,2}[^\s/\\:'\"<>|,;()]+){2,}[/\\]?"
-    r"|(?<![\w.:/~-])~[/\\][^\s:'\"<>|,;()]+"
-)
-_PATH_WORD = "<path>"
-
-
-def scrub_paths(text: str) -> str:
-    """``text`` with every absolute file path replaced by ``<path>`` (answers never show the server's files)."""
-    return _ABSOLUTE_PATH.sub(_PATH_WORD, text)
-
 
 class ServiceError(Exception):
     """An answer other than 200: status, error code, words for the caller, extra headers."""

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import re
+from medxai.errors import scrub_paths
 
 __all__ = ["error_text", "unexpected_error_reason"]
-
-# Absolute paths (two components or more) in an exception's text: a server path must never reach a reason.
-_PATH_PATTERN = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][^\s\\/'\":,;()\[\]<>]+){2,}[\\/]?")
 
 
 def error_text(error: BaseException | str, limit: int = 200) -> str:
     """``Type: message`` of an exception (or a text as it is), with absolute paths replaced by ``<path>`` and
     shortened to ``limit`` characters."""
     text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-    text = _PATH_PATTERN.sub("<path>", text.strip())
+    text = scrub_paths(text.strip())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
