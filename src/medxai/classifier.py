@@ -34,6 +34,7 @@ from medxai.errors import CheckpointError, ConfigError, InvalidImageError, Medxa
 from medxai.evaluate.calibration import card_calibrator
 from medxai.evaluate.domain import DomainGuard, DomainVerdict
 from medxai.explain import DecisionTarget, LogOddsTarget, build_cam, overlay_heatmap
+from medxai.explain.overlay import place_on_original
 from medxai.explain.tta import TTACAM, tta_probabilities, tta_views
 from medxai.models.card import NETWORK_FIELDS, ModelCard
 from medxai.models.checkpoint import GUARD_DIGEST_KEY, check_binding, check_guard_binding, load_weights
@@ -490,10 +491,5 @@ def _decode(item: InputImage, index: int) -> DecodedInput:
 
 
 def _to_original_size(heatmap: np.ndarray, box: ContentBox, original: tuple[int, int]) -> np.ndarray:
-    """Cut padding off a model-size heatmap and resize it to the original image (bilinear)."""
-    top, left, height, width = box.as_tuple()
-    content = torch.from_numpy(np.ascontiguousarray(heatmap[top : top + height, left : left + width]))
-    resized = torch.nn.functional.interpolate(
-        content[None, None], size=tuple(original), mode="bilinear", align_corners=False
-    )[0, 0]
-    return resized.clamp(0.0, 1.0).numpy().astype(np.float32)
+    """A model-size heatmap on the original image (:func:`~medxai.explain.overlay.place_on_original`), as NumPy."""
+    return place_on_original(heatmap, original, box.as_tuple()).cpu().numpy()
