@@ -153,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--json", action="store_true", help="print the rows as JSON")
 
     explain_eval = commands.add_parser(
-        "explain-eval", help="faithfulness (deletion, insertion, ROAD vs random maps) and sanity check of CAM methods"
+        "explain-eval", help="faithfulness (deletion, insertion, ROAD vs random maps), sanity check and, where the data "
+                             "has lesion masks or boxes, localisation (pointing game, IoU...) of explanation methods"
     )
     explain_eval.add_argument("run", help="run folder")
     explain_eval.add_argument("--data", required=True, help="image folder, CSV manifest, .npz or MedMNIST name")
@@ -164,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     explain_eval.add_argument("--steps", type=int, help="deletion/insertion steps (default 20)")
     explain_eval.add_argument("--baseline", choices=("blur", "mean"), help="what deleted pixels become (default: blur)")
     explain_eval.add_argument("--seed", type=int)
+    explain_eval.add_argument("--masks", metavar="DIR|CSV",
+                              help="lesion masks or boxes apart from the data: a folder of mask files named after the "
+                                   "images, or a CSV (image column with mask paths or x0,y0,x1,y1 / x,y,w,h boxes; "
+                                   "NIH's BBox_List_2017.csv as shipped)")
+    explain_eval.add_argument("--layer", help="CAM layer(s), comma-separated to fuse several (default: the run's own)")
     explain_eval.add_argument("--name", help="evaluation folder name for data other than the run's own")
     explain_eval.add_argument("--label-map", action="append", metavar="DATA=MODEL", help=_LABEL_MAP_HELP)
     explain_eval.add_argument("--split-folders", help=_SPLIT_FOLDERS_HELP)
@@ -593,13 +599,15 @@ def _run_explain_eval(arguments: argparse.Namespace) -> int:
     from medxai.run_folder import EvaluationFolder
 
     methods = [name.strip() for name in arguments.methods.split(",") if name.strip()] if arguments.methods else None
+    layers = [name.strip() for name in arguments.layer.split(",") if name.strip()] if arguments.layer else None
     settings = with_values(ExplainEvalConfig(), methods=methods, max_images=arguments.max_images,
-                           steps=arguments.steps, baseline=arguments.baseline, seed=arguments.seed)
+                           steps=arguments.steps, baseline=arguments.baseline, seed=arguments.seed,
+                           layer=layers[0] if layers and len(layers) == 1 else layers)
     options = {"split": arguments.split} if arguments.split else {}
     document = evaluate_explanations(
         arguments.run, arguments.data, **options, settings=settings, name=arguments.name,
         label_map=arguments.label_map, split_folders=_split_folders(arguments.split_folders),
-        inference=_inference(arguments),
+        inference=_inference(arguments), ground_truth=arguments.masks,
     )
     if arguments.json:
         print(json.dumps(document, indent=2))
@@ -616,8 +624,35 @@ def _run_explain_eval(arguments: argparse.Namespace) -> int:
         sanity = "passed" if entry["sanity_check"]["passed"] else "[red]FAILED[/]"
         table.add_row(name, *cells, sanity, f"{entry['seconds']:.0f}")
     console.print(table)
+    if document.get("localization"):
+        console.print(_localization_table(document))
     console.print(f"written: [bold]{EvaluationFolder(document['folder']).explain_metrics_path}[/]")
     return 0
+
+
+def _localization_table(document: dict) -> Table:
+    """Does the heatmap point at the lesion? One row per method and outcome, means with 95 % intervals."""
+    facts = document["localization"]
+    table = Table(title=f"localisation on {facts['lesion_images']} images with a lesion mask "
+                        f"({facts['empty_mask_images']} without a lesion reported apart in the JSON)")
+    columns = (("pointing_game", "pointing game"), ("energy_pointing_game", "energy pointing game"),
+               ("iou_otsu", "IoU at Otsu"), ("iou_top10", "IoU top 10 %"), ("pixel_auprc", "pixel AUPRC"))
+    for column in ("method", "images", *(title for _, title in columns)):
+        table.add_column(column, justify="left" if column in ("method", "images") else "right")
+    for name, entry in document["methods"].items():
+        lesion = (entry.get("localization") or {}).get("lesion") or {}
+        for outcome in ("correct", "wrong"):
+            values = lesion.get(outcome)
+            if not values:
+                continue
+            cells = []
+            for key, _ in columns:
+                value = values.get(key) or {}
+                interval = value.get("interval")
+                cells.append("-" if value.get("mean") is None else f"{value['mean']:.3f}" + (
+                    f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else ""))
+            table.add_row(name, f"{outcome} ({(values.get('pointing_game') or {}).get('n', 0)})", *cells)
+    return table
 
 
 def _run_presets(arguments: argparse.Namespace) -> int:

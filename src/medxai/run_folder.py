@@ -83,6 +83,8 @@ SKIPPED_FILE = "skipped.csv"
 REPORT_FILE = "report.html"
 EXPLAIN_METRICS_FILE = "explain_metrics.json"
 EXPLAIN_SKIPPED_FILE = "explain_skipped.csv"
+LOCALIZATION_DIR = "localization"  # explain-eval: best/worst overlays with the mask outlined, per-image rows
+LOCALIZATION_ROWS_FILE = "localization.csv"
 GALLERY_FILE = "gallery.json"
 EVALUATION_FILE = "evaluation.json"
 PREDICTIONS_FILE = "predictions.csv"
@@ -330,6 +332,14 @@ class EvaluationFolder:
         return self.path / EXPLAIN_SKIPPED_FILE
 
     @property
+    def localization_dir(self) -> Path:
+        return self.path / LOCALIZATION_DIR
+
+    @property
+    def localization_rows_path(self) -> Path:
+        return self.localization_dir / LOCALIZATION_ROWS_FILE
+
+    @property
     def info_path(self) -> Path:
         return self.path / EVALUATION_FILE
 
@@ -372,6 +382,20 @@ class EvaluationFolder:
 
     def write_explain_metrics(self, document: Mapping[str, Any]) -> Path:
         return _write_json(self.explain_metrics_path, dict(document))
+
+    def write_localization_rows(self, rows: Sequence[Mapping[str, Any]]) -> Path:
+        """``localization/localization.csv``: one row per method and image (explain-eval's localisation metrics);
+        text cells a spreadsheet would run as formulas are quoted (:func:`spreadsheet_text`), empty for undefined."""
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+        self.localization_dir.mkdir(parents=True, exist_ok=True)
+        with self.localization_rows_path.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(columns)
+            for row in rows:
+                writer.writerow(["" if row.get(key) is None else
+                                 spreadsheet_text(row[key]) if isinstance(row.get(key), str) else row[key]
+                                 for key in columns])
+        return self.localization_rows_path
 
     def read_info(self) -> dict[str, Any]:
         """``evaluation.json``: what data was evaluated, how and when; {} for a run's own results."""

@@ -200,9 +200,13 @@ def add_banner(rgb: np.ndarray, text: str) -> np.ndarray:
     return np.asarray(picture)
 
 
+#: The colour of an expert's lesion outline drawn over an overlay (``outline=``): green, apart from jet's colours.
+OUTLINE_COLOUR = (0, 255, 0)
+
+
 def save_overlay(
     path: str | PathLike[str], image: np.ndarray, heatmap: np.ndarray | Tensor, *, banner: str | None = None,
-    **kwargs: object,
+    outline: np.ndarray | None = None, **kwargs: object,
 ) -> Path:
     """Write :func:`overlay_heatmap` as a PNG, creating parent folders.
 
@@ -211,6 +215,8 @@ def save_overlay(
         image: the original image.
         heatmap: ``(h, w)`` map in [0, 1].
         banner: a warning written across the top (:func:`add_banner`), e.g. for an out-of-domain input.
+        outline: bool ``(H, W)`` pixels drawn in :data:`OUTLINE_COLOUR` over the overlay, at the original image's
+            size (e.g. the edge of an expert's lesion mask).
         **kwargs: ``colormap``, ``alpha``, ``crop_box`` as for :func:`overlay_heatmap`.
 
     Returns:
@@ -219,6 +225,11 @@ def save_overlay(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     rgb = overlay_heatmap(image, heatmap, **kwargs)  # type: ignore[arg-type]
+    if outline is not None:
+        if outline.shape != rgb.shape[:2]:
+            raise ValueError(f"an outline of shape {outline.shape} does not fit a {rgb.shape[:2]} overlay")
+        rgb = rgb.copy()
+        rgb[outline.astype(bool)] = OUTLINE_COLOUR
     if banner:
         rgb = add_banner(rgb, banner)
     Image.fromarray(rgb).save(path, format="PNG", compress_level=PNG_COMPRESS_LEVEL)

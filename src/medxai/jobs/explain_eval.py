@@ -27,10 +27,11 @@ from tqdm.auto import tqdm
 from medxai.classifier import Classifier
 from medxai.config import ExplainEvalConfig, InferenceConfig
 from medxai.data import open_source
+from medxai.data.ground_truth import attach_ground_truth, open_ground_truth
 from medxai.data.cache import to_unit_range
 from medxai.data.labels import match_labels
-from medxai.data.prepared import preparation_options, prepare_split
-from medxai.errors import ConfigError
+from medxai.data.prepared import PreparedSplit, preparation_options, prepare_split
+from medxai.errors import ConfigError, DataError
 from medxai.explain import CAM_METHODS, get_cam_method
 from medxai.explain.faithfulness import (
     FaithfulnessSummary,
@@ -44,6 +45,15 @@ from medxai.jobs.evaluate import (
     is_training_data,
     prepare_evaluation_folder,
     select_records,
+)
+from medxai.jobs.localization import (
+    LesionTruth,
+    localization_rows,
+    localization_summary,
+    place_maps,
+    read_truths,
+    save_extreme_cases,
+    thresholds_on,
 )
 from medxai.run_folder import RunFolder, write_skipped
 
@@ -79,6 +89,7 @@ def evaluate_explanations(
     label_map: Mapping[str, str] | Sequence[str] | None = None,
     split_folders: Mapping[str, str] | None = None,
     inference: InferenceConfig | None = None,
+    ground_truth: str | Path | None = None,
 ) -> dict[str, Any]:
     """Faithfulness and sanity of CAM methods on a run; writes ``explain_metrics.json`` (see the module docstring).
 
@@ -91,6 +102,8 @@ def evaluate_explanations(
         label_map: ``{data label: model label}`` for names that do not match by themselves.
         split_folders: passed to :func:`~medxai.data.open_source`.
         inference: the device.
+        ground_truth: masks or boxes given apart from the data (``--masks``): a folder of mask files named after the
+            images, or a CSV (:func:`medxai.data.ground_truth.open_ground_truth`); they replace the data's own.
 
     Returns:
         The document written (see the README for its keys).
@@ -114,6 +127,8 @@ def evaluate_explanations(
     fingerprint = source.fingerprint()
     own = is_training_data(source, classifier.card, fingerprint)
     records, selection = select_records(source, split, run, own, data)
+    if ground_truth is not None:
+        records = attach_ground_truth(records, open_ground_truth(ground_truth))
     records = _subset(records, settings.max_images, settings.seed)
     out = run if own else run.evaluation(name or default_evaluation_name(data, split))
     if not own:
@@ -121,10 +136,12 @@ def evaluate_explanations(
     prepared = prepare_split(source, records, classifier.preprocessor, label_map=label_mapping,
                              description=f"{split} (explain-eval)", **preparation_options(run.data_config()))
     model = classifier.model.eval()
-    images = torch.cat([
-        classifier.preprocessor.normalize(to_unit_range(prepared.images.codes(slice(start, start + 256)).to(
-            classifier.device))) for start in range(0, len(prepared), 256)
-    ])
+    images = _model_inputs(classifier, prepared)
+    skipped = list(prepared.skipped)
+    truths = read_truths(source, records, prepared, classifier.device, skipped)
+    layer = settings.layer or classifier.card.cam_layer
+    validation = _validation_truths(source, run, own, split, settings, classifier, ground_truth, skipped) \
+        if truths else None
     logger.info("explain-eval on %d images of %s (%s), methods: %s", len(prepared), data, selection,
                 ", ".join(method_classes))
     steps, baseline, batch_size, seed = settings.steps, settings.baseline, settings.batch_size, settings.seed
@@ -145,6 +162,15 @@ def evaluate_explanations(
         "seed": seed,
         "methods": {},
     }
+    if truths:
+        document["localization"] = {
+            "images_with_ground_truth": len(truths),
+            "lesion_images": sum(not truth.empty for truth in truths),
+            "empty_mask_images": sum(truth.empty for truth in truths),
+            "layer": layer,
+            "thresholds_from": validation[0] if validation else None,
+        }
+    localization_table: list[dict[str, Any]] = []
     random_metrics: dict[str, Tensor] | None = None
     random_classes: Tensor | None = None
     # Three stages per method (maps, deletion/insertion/ROAD, sanity check): a bar with rate and ETA over them all.
@@ -152,12 +178,8 @@ def evaluate_explanations(
     for method_name, method in method_classes.items():
         progress.set_postfix_str(method_name)
         started = time.perf_counter()
-        cam = method(model, classifier.card.cam_layer)
-        target = classifier.decision_target()
-        results = [cam(batch, target) for batch in images.split(batch_size)]
+        maps, classes = _maps(method, model, layer, images, classifier, batch_size)
         progress.update()
-        maps = torch.cat([result.maps for result in results])
-        classes = torch.cat([result.target_class for result in results])
         options = dict(steps=steps, baseline=baseline, batch_size=batch_size, score_fn=calibrated_probability,
                        seed=seed)
         if random_metrics is None or not torch.equal(classes, random_classes):
@@ -177,13 +199,19 @@ def evaluate_explanations(
         sanity_count = min(sanity_images, len(prepared))
         sanity = model_randomisation_check(
             method, model, images[:sanity_count], ClassTarget(classes[:sanity_count]),
-            target_layers=classifier.card.cam_layer, seed=seed,
+            target_layers=layer, seed=seed,
         )
         progress.update()
         entry = {key: round(method_means[key], 6) for key in _METRIC_KEYS}
         entry["random_baseline"] = {key: round(random_means[key], 6) for key in _METRIC_KEYS}
         entry["beats_random"] = summary.beats_random()
         entry["sanity_check"] = sanity.to_dict()
+        if truths:
+            entry["localization"], rows = _localization(
+                method_name, method, maps, classes, truths, prepared, validation, classifier, layer, batch_size,
+                out, source, records,
+            )
+            localization_table.extend(rows)
         entry["seconds"] = round(time.perf_counter() - started, 2)
         document["methods"][method_name] = entry
         logger.info("%s: deletion %.4f (random %.4f), insertion %.4f (random %.4f), sanity %s, %.0f s", method_name,
@@ -195,6 +223,71 @@ def evaluate_explanations(
         out.write_info({"name": out.name, "kind": "external", "data": source.description,
                         "fingerprint": fingerprint, "split": split, "selection": selection})
     out.write_explain_metrics(document)
-    if prepared.skipped:
-        write_skipped(out.explain_skipped_path, prepared.skipped)
+    if localization_table:
+        out.write_localization_rows(localization_table)
+    if skipped:
+        write_skipped(out.explain_skipped_path, skipped)
     return document
+
+
+def _model_inputs(classifier: Classifier, prepared: PreparedSplit) -> Tensor:
+    """The prepared images normalised for the model, on its device."""
+    return torch.cat([
+        classifier.preprocessor.normalize(to_unit_range(prepared.images.codes(slice(start, start + 256)).to(
+            classifier.device))) for start in range(0, len(prepared), 256)
+    ])
+
+
+def _maps(method: type, model: torch.nn.Module, layer: str | list[str], images: Tensor, classifier: Classifier,
+          batch_size: int) -> tuple[Tensor, Tensor]:
+    """The method's maps of every image at the model's input size, explaining the label the classifier reports."""
+    cam = method(model, layer)
+    target = classifier.decision_target()
+    results = [cam(batch, target) for batch in images.split(batch_size)]
+    return torch.cat([result.maps for result in results]), torch.cat([result.target_class for result in results])
+
+
+def _validation_truths(source, run: RunFolder, own: bool, split: str, settings: ExplainEvalConfig,
+                       classifier: Classifier, ground_truth: str | Path | None, skipped: list[tuple[str, str]]
+                       ) -> tuple[str, Tensor, PreparedSplit, list[LesionTruth]] | None:
+    """The run's validation images with ground truth, on which per-class map thresholds are chosen (Saporta et al.
+    choose them on validation, never on the images they are then measured on); None off the run's own data, when
+    the evaluated split is validation itself, or when validation has no masks."""
+    if not own or split in ("val", "all"):
+        return None
+    try:
+        records, _ = select_records(source, "val", run, own, run.path)
+    except DataError:
+        return None
+    if ground_truth is not None:
+        records = attach_ground_truth(records, open_ground_truth(ground_truth))
+    records = _subset([record for record in records if record.masks or record.boxes], settings.max_images,
+                      settings.seed)
+    if not records:
+        return None
+    prepared = prepare_split(source, records, classifier.preprocessor, description="val (explain-eval thresholds)",
+                             **preparation_options(run.data_config()))
+    truths = read_truths(source, records, prepared, classifier.device, skipped)
+    if not any(not truth.empty for truth in truths):
+        return None
+    return "val", _model_inputs(classifier, prepared), prepared, truths
+
+
+def _localization(method_name: str, method: type, maps: Tensor, classes: Tensor, truths: list[LesionTruth],
+                  prepared: PreparedSplit, validation, classifier: Classifier, layer, batch_size: int, out,
+                  source, records) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One method's localisation summary (with its best and worst cases drawn) and its per-image rows."""
+    thresholds = None
+    if validation is not None:
+        _, val_images, val_prepared, val_truths = validation
+        val_maps, _ = _maps(method, classifier.model, layer, val_images, classifier, batch_size)
+        thresholds = thresholds_on(place_maps(val_maps, val_truths, val_prepared), val_truths)
+    placed = place_maps(maps, truths, prepared)
+    rows = localization_rows(method_name, placed, truths, classes, classifier.card.label_names, prepared.ids,
+                             thresholds)
+    summary = localization_summary(rows)
+    if thresholds is not None:
+        summary["thresholds"] = {classifier.card.label_names[key]: value for key, value in thresholds.items()}
+    by_id = {record.id: record for record in records}
+    summary["cases"] = save_extreme_cases(out.localization_dir, method_name, rows, placed, truths, source, by_id)
+    return summary, rows
