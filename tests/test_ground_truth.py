@@ -17,7 +17,7 @@ from medxai.data import ImageFolderSource, ManifestSource, Record
 from medxai.data.ground_truth import GroundTruth, LesionBox, fill_boxes, prepare_masks, read_ground_truth
 from medxai.data.preprocess import Preprocessor
 from medxai.data.sources.base import load_file_record
-from medxai.errors import InvalidImageError
+from medxai.errors import DataError, InvalidImageError
 
 
 def _save(path: Path, array: np.ndarray, mode: str | None = None) -> str:
@@ -216,3 +216,125 @@ def test_prepare_masks_places_each_records_ground_truth_and_flags_who_has_some(t
     assert float(masks[1].abs().sum()) == 0 and float(masks[3].abs().sum()) == 0
     assert skipped == [(mask, "mask is 16x16 pixels but its image is 10x10; a mask must have its image's size "
                               "(it is not resized)")]
+
+
+# -- folder layouts --------------------------------------------------------------------------------------------------
+def _tree(root: Path, files: list[str]) -> Path:
+    """Tiny PNG files at the given relative paths (their pixels do not matter for listing)."""
+    for relative in files:
+        _save(root / relative, np.zeros((4, 4), dtype=np.uint8))
+    return root
+
+
+def _pairs(source) -> dict[str, list[str]]:
+    return {record.id: [Path(mask).relative_to(source.root).as_posix() for mask in record.masks]
+            for record in source.records()}
+
+
+def _skipped(source) -> list[tuple[str, str]]:
+    return [(Path(path).relative_to(source.root).as_posix(), reason) for path, reason in source.skipped]
+
+
+_NO_IMAGE_BESIDE = "mask file without its image: no image named {!r} beside it"
+_NO_IMAGE_MIRRORED = "mask file without its image: no image named {!r} in the folder it mirrors"
+
+FOLDER_LAYOUTS = {
+    "busi as downloaded": (
+        ["benign/benign (1).png", "benign/benign (1)_mask.png", "benign/benign (4).png", "benign/benign (4)_mask.png",
+         "benign/benign (4)_mask_1.png", "normal/normal (1).png", "normal/normal (1)_mask.png"],
+        ["benign", "normal"],
+        {"benign/benign (1).png": ["benign/benign (1)_mask.png"],
+         "benign/benign (4).png": ["benign/benign (4)_mask.png", "benign/benign (4)_mask_1.png"],
+         "normal/normal (1).png": ["normal/normal (1)_mask.png"]},
+        [],
+    ),
+    "every suffix, any case, other image formats": (
+        ["a/p.png", "a/p_seg.png", "a/q.jpg", "a/q-mask.png", "a/r.png", "a/r_Label.png", "b/s.png", "b/s_MASK_2.png",
+         "b/t.png"],
+        ["a", "b"],
+        {"a/p.png": ["a/p_seg.png"], "a/q.jpg": ["a/q-mask.png"], "a/r.png": ["a/r_Label.png"],
+         "b/s.png": ["b/s_MASK_2.png"], "b/t.png": []},
+        [],
+    ),
+    "masks folder beside the class folders": (
+        ["a/x.png", "a/y.png", "b/z.png", "masks/a/x.png", "masks/b/z_mask.png", "masks/b/gone.png"],
+        ["a", "b"],
+        {"a/x.png": ["masks/a/x.png"], "a/y.png": [], "b/z.png": ["masks/b/z_mask.png"]},
+        [("masks/b/gone.png", _NO_IMAGE_MIRRORED.format("gone"))],
+    ),
+    "segmentations folder inside each class folder": (
+        ["a/x.png", "a/Segmentations/x.png", "b/z.png", "b/segmentations/z_seg.png"],
+        ["a", "b"],
+        {"a/x.png": ["a/Segmentations/x.png"], "b/z.png": ["b/segmentations/z_seg.png"]},
+        [],
+    ),
+    "masks folder in split folders": (
+        ["train/a/x.png", "train/b/y.png", "train/masks/a/x.png", "test/a/u.png", "test/b/v.png",
+         "test/masks/b/v.png"],
+        ["a", "b"],
+        {"test/a/u.png": [], "test/b/v.png": ["test/masks/b/v.png"], "train/a/x.png": ["train/masks/a/x.png"],
+         "train/b/y.png": []},
+        [],
+    ),
+    "a mask whose image is missing is skipped, not read as an image": (
+        ["a/x.png", "a/x_mask.png", "a/y_mask.png", "b/z.png"],
+        ["a", "b"],
+        {"a/x.png": ["a/x_mask.png"], "b/z.png": []},
+        [("a/y_mask.png", _NO_IMAGE_BESIDE.format("y"))],
+    ),
+    "mask-like names that pair nothing stay images": (
+        ["label/x_label.png", "label/y.png", "masks/m_mask.png", "masks/n.png", "other/w_seg.png"],
+        ["label", "masks", "other"],
+        {"label/x_label.png": [], "label/y.png": [], "masks/m_mask.png": [], "masks/n.png": [],
+         "other/w_seg.png": []},
+        [],
+    ),
+}
+
+
+@pytest.mark.parametrize("files, classes, pairs, skipped", FOLDER_LAYOUTS.values(), ids=FOLDER_LAYOUTS.keys())
+def test_folder_layouts_pair_masks_with_their_images(tmp_path, files, classes, pairs, skipped):
+    source = ImageFolderSource(_tree(tmp_path, files))
+    assert source.label_names == classes
+    assert _pairs(source) == pairs
+    assert _skipped(source) == skipped
+    listed_masks = sum(len(masks) for masks in pairs.values())
+    assert len(pairs) + listed_masks + len(skipped) == len(files)  # nothing lost
+    if listed_masks or skipped:
+        with_masks = sum(1 for masks in pairs.values() if masks)
+        assert source.layout["masks"]["images_with_masks"] == with_masks
+        assert source.layout["masks"]["images_without_masks"] == len(pairs) - with_masks
+        assert source.layout["masks"]["masks_without_image"] == len(skipped)
+        assert source.layout["masks"]["mask_files"] == listed_masks + len(skipped)
+    else:
+        assert "masks" not in source.layout
+
+
+def test_a_class_folder_holding_only_masks_is_an_error(tmp_path):
+    _tree(tmp_path, ["a/x.png", "a/x_mask.png", "b/y_mask.png"])
+    with pytest.raises(DataError, match="has only mask files"):
+        ImageFolderSource(tmp_path)
+
+
+def test_masks_change_the_fingerprint_and_data_without_masks_keeps_it(tmp_path):
+    plain = ImageFolderSource(_tree(tmp_path / "plain", ["a/x.png", "b/y.png"])).fingerprint()
+    masked_root = _tree(tmp_path / "masked", ["a/x.png", "b/y.png", "a/x_mask.png"])
+    masked = ImageFolderSource(masked_root).fingerprint()
+    (masked_root / "a" / "x_mask.png").write_bytes(b"0" * 10)  # another mask (size) of the same image
+    assert len({plain, masked, ImageFolderSource(masked_root).fingerprint()}) == 3
+    unmasked = ImageFolderSource(_tree(tmp_path / "again", ["a/x.png", "b/y.png"])).fingerprint()
+    assert unmasked == plain
+
+
+@pytest.mark.realdata
+def test_busi_as_downloaded_reads_three_classes_with_every_image_paired(data_dir):
+    source = ImageFolderSource(data_dir / "busi_subset")
+    records = source.records()
+    assert source.label_names == ["benign", "malignant", "normal"]
+    assert [sum(1 for record in records if record.label == label) for label in range(3)] == [100, 100, 20]
+    assert all(record.masks for record in records)
+    assert sum(len(record.masks) for record in records) == 230
+    assert not any("_mask" in record.id for record in records)
+    assert source.layout["masks"] == {"paired_by": ["<image>_mask* beside the image"], "mask_files": 230,
+                                      "images_with_masks": 220, "images_without_masks": 0, "masks_without_image": 0}
+    assert [reason for _, reason in source.skipped] == ["not inside a class folder"] * 3  # MD5SUMS, README, labels.csv

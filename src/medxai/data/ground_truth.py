@@ -25,8 +25,12 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+import os
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -39,9 +43,27 @@ if TYPE_CHECKING:  # base.py imports LesionBox from here
     from medxai.data.preprocess import Preprocessor
     from medxai.data.sources.base import Record, Source
 
-__all__ = ["LesionBox", "GroundTruth", "read_ground_truth", "read_mask_file", "fill_boxes", "prepare_masks"]
+__all__ = [
+    "LesionBox",
+    "GroundTruth",
+    "read_ground_truth",
+    "read_mask_file",
+    "fill_boxes",
+    "prepare_masks",
+    "MASK_FOLDER_NAMES",
+    "mask_name_parts",
+    "MaskPairing",
+    "pair_mask_files",
+    "mask_folder_mirrors_images",
+]
 
 logger = logging.getLogger(__name__)
+
+#: Folder names (any letter case) that may hold mask files mirroring the image names beside or below them.
+MASK_FOLDER_NAMES = frozenset({"masks", "mask", "segmentations", "segmentation"})
+
+# "<image stem><separator><kind>[<separator><n>]": BUSI's "benign (4)_mask_1", "x_seg", "x-mask", "X_Label2".
+_MASK_SUFFIX = re.compile(r"^(?P<base>.+?)[_-](?P<kind>mask|seg|segmentation|label)(?:[_-]?\d+)?$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -202,3 +224,110 @@ def prepare_masks(
         logger.warning("%d of %d images' ground truth could not be read; they count as having none",
                        failures, len(records))
     return masks, has_ground_truth
+
+
+# -- pairing mask files with images by name ---------------------------------------------------------------------------
+def mask_name_parts(stem: str) -> tuple[str, str] | None:
+    """``(image stem, kind)`` when a file stem ends in a mask suffix (``_mask``, ``_mask_1``, ``-mask``, ``_seg``,
+    ``_segmentation``, ``_label``, any letter case), else None: ``"benign (4)_mask_1"`` -> ``("benign (4)", "mask")``."""
+    match = _MASK_SUFFIX.match(stem)
+    return (match["base"], match["kind"].lower()) if match else None
+
+
+def mask_folder_mirrors_images(mask_folder: Path, parent: Path) -> bool:
+    """Whether a file under ``mask_folder`` is named after an image at the mirrored place under ``parent``
+    (``parent/masks/benign/x.png`` or ``.../x_mask.png`` -> ``parent/benign/x.*``): the evidence that makes a folder
+    called ``masks`` a mask folder rather than a class. Stops at the first pair found."""
+    stems_of: dict[Path, set[str]] = {}
+    for folder, _, file_names in os.walk(mask_folder):
+        mirror = parent / Path(folder).relative_to(mask_folder)
+        if mirror not in stems_of:
+            stems_of[mirror] = _file_stems(mirror)
+        for name in file_names:
+            if any(stem in stems_of[mirror] for stem in _image_stems_for(Path(name).stem)):
+                return True
+    return False
+
+
+@dataclass
+class MaskPairing:
+    """Which files are images and which are their masks.
+
+    Attributes:
+        images: the files that are images, in the order given.
+        masks_of: image path -> its mask paths, sorted.
+        orphans: ``(mask path, reason)`` for each mask file whose image is not there.
+        kept_as_images: files whose names end in a mask suffix that no file of the data set pairs by (read as images).
+        rules: the pairing rules that found at least one pair, in words.
+    """
+
+    images: list[Path]
+    masks_of: dict[Path, tuple[str, ...]] = field(default_factory=dict)
+    orphans: list[tuple[str, str]] = field(default_factory=list)
+    kept_as_images: list[Path] = field(default_factory=list)
+    rules: list[str] = field(default_factory=list)
+
+
+def pair_mask_files(files: Sequence[Path], folder_masks: Iterable[tuple[Path, Path]] = ()) -> MaskPairing:
+    """Tell masks from images among a data set's files, and pair each mask with its image.
+
+    A file whose name ends in a mask suffix (see :func:`mask_name_parts`) is a mask when that suffix is established
+    in the data set, that is when at least one file with it lies beside an image of the same stem; a mask of an
+    established suffix without its image is an orphan (never an image). Where no file pairs by a suffix, files with
+    it stay images (a class of ``x_label.png`` files is data, not masks), and a note is logged.
+
+    Args:
+        files: every file listed in the class folders.
+        folder_masks: ``(mask file, folder its image should be in)`` for the files of mask folders; a mask file there
+            pairs with the image of the same stem, or of its stem without a mask suffix.
+
+    Returns:
+        The pairing.
+    """
+    by_place: dict[tuple[Path, str], list[Path]] = defaultdict(list)
+    for file in files:
+        by_place[(file.parent, file.stem)].append(file)
+    suffixed = {file: parts for file in files if (parts := mask_name_parts(file.stem))}
+    established = {kind for file, (base, kind) in suffixed.items()
+                   if any(other not in suffixed for other in by_place[(file.parent, base)])}
+    is_mask = {file for file, (_, kind) in suffixed.items() if kind in established}
+    pairing = MaskPairing(images=[file for file in files if file not in is_mask])
+    pairing.kept_as_images = [file for file in suffixed if file not in is_mask]
+    images_at: dict[tuple[Path, str], list[Path]] = defaultdict(list)
+    for image in pairing.images:
+        images_at[(image.parent, image.stem)].append(image)
+
+    found: dict[Path, list[str]] = defaultdict(list)
+    candidates = [(file, file.parent, f"<image>_{suffixed[file][1]}* beside the image", "beside it")
+                  for file in sorted(is_mask)]
+    candidates += [(file, folder, "a mask folder mirroring the image names", "in the folder it mirrors")
+                   for file, folder in folder_masks]
+    for mask, folder, rule, where in candidates:
+        stems = _image_stems_for(mask.stem)
+        images = next((images_at[(folder, stem)] for stem in stems if (folder, stem) in images_at), [])
+        if not images:
+            pairing.orphans.append((str(mask), f"mask file without its image: no image named {stems[-1]!r} {where}"))
+            continue
+        for image in images:
+            found[image].append(str(mask))
+        if rule not in pairing.rules:
+            pairing.rules.append(rule)
+    pairing.masks_of = {image: tuple(sorted(paths)) for image, paths in found.items()}
+    if pairing.kept_as_images:
+        logger.info("%d files have a mask-like name (e.g. %s) but no file of that kind lies beside its image: read "
+                    "as images", len(pairing.kept_as_images), pairing.kept_as_images[0].name)
+    return pairing
+
+
+def _image_stems_for(mask_stem: str) -> list[str]:
+    """The image stems a mask stem may belong to: itself (a mask folder mirroring names) and, with a mask suffix,
+    its stem without it."""
+    parts = mask_name_parts(mask_stem)
+    return [mask_stem, parts[0]] if parts else [mask_stem]
+
+
+def _file_stems(folder: Path) -> set[str]:
+    try:
+        return {Path(entry.name).stem for entry in os.scandir(folder) if entry.is_file()}
+    except OSError:
+        return set()
