@@ -14,7 +14,14 @@ from PIL import Image
 
 from medxai.config import PreprocessConfig
 from medxai.data import ImageFolderSource, ManifestSource, Record
-from medxai.data.ground_truth import GroundTruth, LesionBox, fill_boxes, prepare_masks, read_ground_truth
+from medxai.data.ground_truth import (
+    LesionBox,
+    attach_ground_truth,
+    fill_boxes,
+    open_ground_truth,
+    prepare_masks,
+    read_ground_truth,
+)
 from medxai.data.preprocess import Preprocessor
 from medxai.data.sources.base import load_file_record
 from medxai.errors import DataError, InvalidImageError
@@ -306,6 +313,7 @@ def test_folder_layouts_pair_masks_with_their_images(tmp_path, files, classes, p
         assert source.layout["masks"]["images_without_masks"] == len(pairs) - with_masks
         assert source.layout["masks"]["masks_without_image"] == len(skipped)
         assert source.layout["masks"]["mask_files"] == listed_masks + len(skipped)
+        assert source.layout["masks"]["missing_mask_files"] == 0
     else:
         assert "masks" not in source.layout
 
@@ -336,5 +344,114 @@ def test_busi_as_downloaded_reads_three_classes_with_every_image_paired(data_dir
     assert sum(len(record.masks) for record in records) == 230
     assert not any("_mask" in record.id for record in records)
     assert source.layout["masks"] == {"paired_by": ["<image>_mask* beside the image"], "mask_files": 230,
-                                      "images_with_masks": 220, "images_without_masks": 0, "masks_without_image": 0}
+                                      "images_with_masks": 220, "images_with_boxes": 0, "images_without_masks": 0,
+                                      "masks_without_image": 0, "missing_mask_files": 0}
     assert [reason for _, reason in source.skipped] == ["not inside a class folder"] * 3  # MD5SUMS, README, labels.csv
+
+
+# -- manifests and ground truth kept apart -----------------------------------------------------------------------------
+def _manifest(tmp_path: Path, text: str) -> Path:
+    for name in ("a.png", "b.png", "c.png"):
+        _save(tmp_path / name, np.zeros((10, 10), dtype=np.uint8))
+    _save(tmp_path / "m" / "a_mask.png", _lesion(10, 10, slice(0, 4), slice(0, 4)))
+    _save(tmp_path / "m" / "a_mask_1.png", _lesion(10, 10, slice(2, 6), slice(2, 6)))
+    path = tmp_path / "manifest.csv"
+    path.write_text(text.replace("ABS", str(tmp_path)))
+    return path
+
+
+@pytest.mark.parametrize(
+    "text, masks, boxes",
+    [
+        ("path,label,mask\na.png,x,m/a_mask.png|m/a_mask_1.png\nb.png,y,\nc.png,x,ABS/m/a_mask.png\n",
+         {"a.png": ["m/a_mask.png", "m/a_mask_1.png"], "b.png": [], "c.png": ["m/a_mask.png"]}, {}),
+        ("path,label,x0,y0,x1,y1,finding\na.png,x,1,2,5,6,Mass\nb.png,y,,,,,\nc.png,x,0,0,2.5,3,\n",
+         {"a.png": [], "b.png": [], "c.png": []}, {"a.png": [LesionBox(1, 2, 5, 6, "Mass")],
+                                                  "c.png": [LesionBox(0, 0, 2.5, 3)]}),
+        ("path,label,masks,bbox_x,bbox_y,bbox_w,bbox_h\na.png,x,m/a_mask.png,1,2,4,4\nb.png,y,,,,,\nc.png,x,,,,,\n",
+         {"a.png": ["m/a_mask.png"], "b.png": [], "c.png": []}, {"a.png": [LesionBox(1, 2, 5, 6)]}),
+    ],
+    ids=["mask column", "corner box columns", "masks and x,y,w,h"],
+)
+def test_a_manifest_carries_masks_and_boxes(tmp_path, text, masks, boxes):
+    source = ManifestSource(_manifest(tmp_path, text))
+    records = {record.id: record for record in source.records()}
+    assert {key: [Path(mask).relative_to(tmp_path).as_posix() for mask in record.masks]
+            for key, record in records.items()} == masks
+    assert {key: list(record.boxes) for key, record in records.items() if record.boxes} == boxes
+    assert source.layout["masks"]["images_with_masks"] == sum(1 for paths in masks.values() if paths)
+    assert source.layout["masks"]["images_with_boxes"] == len(boxes)
+
+
+def test_a_manifests_unioned_masks_give_the_pixel_count(tmp_path):
+    source = ManifestSource(_manifest(tmp_path, "path,label,mask\na.png,x,m/a_mask.png|m/a_mask_1.png\nb.png,y,\n"))
+    truth = read_ground_truth(source.records()[0], source.load(source.records()[0]).image.shape)
+    assert int(truth.mask.sum()) == 16 + 16 - 4
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [("a.png,x,1,2,,6", r"line 2: box cells \['1', '2', '', '6'\] are not four numbers"),
+     ("a.png,x,5,2,5,6", r"line 2: box \(5.0, 2.0, 5.0, 6.0\) has no area")],
+)
+def test_a_manifests_bad_box_names_the_line(tmp_path, row, message):
+    with pytest.raises(DataError, match=message):
+        ManifestSource(_manifest(tmp_path, f"path,label,x0,y0,x1,y1\n{row}\nb.png,y,,,,\n"))
+
+
+# The header as NIH ships BBox_List_2017.csv (its bracketed column name splits into four, plus three empty names);
+# the first two rows are NIH's own first rows.
+NIH_BOXES = (
+    "Image Index,Finding Label,Bbox [x,y,w,h],,,\n"
+    "00013118_008.png,Atelectasis,225.084745762712,547.019216763771,86.7796610169491,79.1864406779661\n"
+    "00014716_007.png,Atelectasis,686.101694915254,131.543498898458,185.491525423729,313.491525423729\n"
+    "00013118_008.png,Effusion,10,20,30,40\n"
+)
+
+
+def test_nih_bbox_list_is_read_as_shipped_and_attached_by_file_name(tmp_path):
+    path = tmp_path / "BBox_List_2017.csv"
+    path.write_text(NIH_BOXES)
+    table = open_ground_truth(path)
+    assert table.keys() == ["00013118_008.png", "00014716_007.png"] and table.masks == {} and table.skipped == []
+    assert table.boxes["00013118_008.png"] == (
+        LesionBox(225.084745762712, 547.019216763771, 225.084745762712 + 86.7796610169491,
+                  547.019216763771 + 79.1864406779661, "Atelectasis"),
+        LesionBox(10, 20, 40, 60, "Effusion"),
+    )
+    records = [Record("images/00013118_008.png", 1), Record("images/00000001_000.png", 0)]
+    attached = attach_ground_truth(records, table)
+    assert [len(record.boxes) for record in attached] == [2, 0]
+    assert [box.label for box in attached[0].boxes] == ["Atelectasis", "Effusion"]
+    assert table.match(records)[1] == ["00014716_007.png"]  # no such image: reported, not attached
+    truth = read_ground_truth(attached[0], (1024, 1024))
+    assert truth.from_boxes and int(truth.mask.sum()) == 87 * 79 + 30 * 40  # centres in [225.08, 311.86) x ...
+
+
+def test_a_mask_folder_apart_pairs_by_stem_and_unions(tmp_path):
+    masks = tmp_path / "gt"
+    _save(masks / "x.png", _lesion(10, 10, slice(0, 4), slice(0, 4)))
+    _save(masks / "sub" / "x_mask_1.png", _lesion(10, 10, slice(2, 6), slice(2, 6)))
+    _save(masks / "orphan.png", _lesion(10, 10, slice(0, 1), slice(0, 1)))
+    records = [Record("a/x.png", 0), Record("b/y.jpg", 1)]
+    table = open_ground_truth(masks)
+    attached = attach_ground_truth(records, table)
+    assert [len(record.masks) for record in attached] == [2, 0]
+    assert table.match(records)[1] == ["orphan"]
+    assert int(read_ground_truth(attached[0], (10, 10)).mask.sum()) == 28
+
+
+def test_a_ground_truth_key_matching_two_images_is_not_attached(tmp_path):
+    path = tmp_path / "gt.csv"
+    path.write_text("image,x0,y0,x1,y1\nx.png,0,0,1,1\na/y.png,0,0,2,2\n")
+    records = [Record("a/x.png", 0), Record("b/x.png", 1), Record("a/y.png", 0)]
+    attached = attach_ground_truth(records, open_ground_truth(path))
+    assert [len(record.boxes) for record in attached] == [0, 0, 1]
+    assert open_ground_truth(path).match(records)[1] == ["x.png"]
+
+
+def test_a_ground_truth_csv_without_image_or_ground_truth_columns_is_refused(tmp_path):
+    path = tmp_path / "gt.csv"
+    path.write_text("name,score\nx.png,1\n")
+    with pytest.raises(DataError, match="line 1: expected an image column"):
+        open_ground_truth(path)

@@ -23,21 +23,22 @@ boxes therefore cover exactly columns ``x0 .. x1 - 1``. Parts outside the image 
 
 from __future__ import annotations
 
+import csv
 import logging
 import math
 import os
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from medxai.data.readers import read_image_with_info
-from medxai.errors import InvalidImageError
+from medxai.data.readers import is_hidden_or_system, read_image_with_info, special_file_reason
+from medxai.errors import DataError, InvalidImageError
 
 if TYPE_CHECKING:  # base.py imports LesionBox from here
     from medxai.data.preprocess import Preprocessor
@@ -55,6 +56,12 @@ __all__ = [
     "MaskPairing",
     "pair_mask_files",
     "mask_folder_mirrors_images",
+    "ground_truth_summary",
+    "BoxColumns",
+    "mask_paths",
+    "GroundTruthTable",
+    "open_ground_truth",
+    "attach_ground_truth",
 ]
 
 logger = logging.getLogger(__name__)
@@ -319,6 +326,22 @@ def pair_mask_files(files: Sequence[Path], folder_masks: Iterable[tuple[Path, Pa
     return pairing
 
 
+def ground_truth_summary(records: Sequence[Record], paired_by: Sequence[str],
+                         orphans: Sequence[tuple[str, str]] = ()) -> dict[str, object]:
+    """How a source paired ground truth with its images, for its ``layout`` (``medxai check-data`` prints it)."""
+    with_masks = sum(1 for record in records if record.masks)
+    mask_files = {mask for record in records for mask in record.masks}
+    return {
+        "paired_by": list(paired_by),
+        "mask_files": len(mask_files) + len(orphans),
+        "images_with_masks": with_masks,
+        "images_with_boxes": sum(1 for record in records if record.boxes),
+        "images_without_masks": len(records) - with_masks,
+        "masks_without_image": len(orphans),
+        "missing_mask_files": sum(1 for mask in mask_files if not os.path.isfile(mask)),
+    }
+
+
 def _image_stems_for(mask_stem: str) -> list[str]:
     """The image stems a mask stem may belong to: itself (a mask folder mirroring names) and, with a mask suffix,
     its stem without it."""
@@ -331,3 +354,203 @@ def _file_stems(folder: Path) -> set[str]:
         return {Path(entry.name).stem for entry in os.scandir(folder) if entry.is_file()}
     except OSError:
         return set()
+
+
+# -- box columns of CSV files -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BoxColumns:
+    """Where a CSV keeps a box: four column indices, read as corners (``x0,y0,x1,y1``) or as ``x,y,w,h``."""
+
+    indices: tuple[int, int, int, int]
+    corners: bool
+
+    @classmethod
+    def find(cls, header: Sequence[str]) -> BoxColumns | None:
+        """The box columns of a header, or None: ``x0,y0,x1,y1`` or ``x,y,w,h`` (``width,height`` too; a ``bbox_``
+        prefix allowed, any case), or NIH's ``Bbox [x,y,w,h]`` whose four values follow from that column on (the
+        bracketed name splits the header into ``Bbox [x``, ``y``, ``w``, ``h]`` and empty names)."""
+        names = [_box_column_name(name) for name in header]
+        for position, name in enumerate(names):
+            if name.startswith("bbox[") or name.startswith("bbox ["):
+                return cls(tuple(range(position, position + 4)), corners=False)  # type: ignore[arg-type]
+        for wanted, corners in ((("x0", "y0", "x1", "y1"), True), (("x", "y", "w", "h"), False),
+                                (("x", "y", "width", "height"), False)):
+            if all(name in names for name in wanted):
+                return cls(tuple(names.index(name) for name in wanted), corners)  # type: ignore[arg-type]
+        return None
+
+    def box(self, values: Sequence[str], label: str | None = None) -> LesionBox | None:
+        """The row's box, or None when its four cells are empty.
+
+        Raises:
+            ValueError: some cells are empty or not numbers, or the box has no area (the message says which).
+        """
+        cells = [values[index].strip() if index < len(values) else "" for index in self.indices]
+        if not any(cells):
+            return None
+        try:
+            numbers = [float(cell) for cell in cells]
+        except ValueError:
+            raise ValueError(f"box cells {cells} are not four numbers") from None
+        return LesionBox(*numbers, label) if self.corners else LesionBox.from_xywh(*numbers, label)
+
+
+def _box_column_name(name: str) -> str:
+    name = name.strip().lower()
+    return name[len("bbox_"):] if name.startswith("bbox_") else name
+
+
+# -- ground truth kept apart from the data (--masks DIR|CSV) ----------------------------------------------------------
+_IMAGE_COLUMNS = ("image index", "image", "path", "file", "filename", "file_name", "image_id", "id")
+_MASK_COLUMNS = ("mask", "masks")
+_FINDING_COLUMNS = ("finding label", "finding", "finding_label")
+_MASK_SEPARATOR = "|"
+
+
+@dataclass
+class GroundTruthTable:
+    """Masks and boxes kept apart from the images, keyed by image: a record id (``benign/x.png``), a file name
+    (``00013118_008.png``) or a file stem (``x``, for a folder of masks).
+
+    Attributes:
+        description: what it was read from, for messages.
+        masks: key -> absolute mask paths.
+        boxes: key -> boxes.
+        skipped: ``(file or file:line, reason)`` for entries that could not be used.
+    """
+
+    description: str
+    masks: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    boxes: dict[str, tuple[LesionBox, ...]] = field(default_factory=dict)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def keys(self) -> list[str]:
+        """Every image key, sorted."""
+        return sorted(set(self.masks) | set(self.boxes))
+
+    def match(self, records: Sequence[Record]) -> tuple[dict[str, Record], list[str]]:
+        """Which record each key belongs to (by record id, else file name, else file stem), and the keys that
+        match no record or several (ambiguous: ``a/x.png`` and ``b/x.png`` for the key ``x``)."""
+        by_level: list[dict[str, list[Record]]] = [defaultdict(list) for _ in range(3)]
+        for record in records:
+            name = record.id.rsplit("/", 1)[-1]
+            for level, key in enumerate((record.id, name, Path(name).stem)):
+                by_level[level][key].append(record)
+        matched, unmatched = {}, []
+        for key in self.keys():
+            found = next((level[key] for level in by_level if key in level), [])
+            if len(found) == 1:
+                matched[key] = found[0]
+            else:
+                unmatched.append(key)
+        return matched, unmatched
+
+
+def open_ground_truth(path: str | Path) -> GroundTruthTable:
+    """Read ground truth kept apart from the data: a folder of mask files, or a CSV file.
+
+    - **Folder**: mask files named after the images, ``<stem>.<ext>`` or ``<stem>_mask*.<ext>`` (any mask suffix of
+      :func:`mask_name_parts`), in any subfolder; several for one stem are unioned.
+    - **CSV**: an image column (``Image Index``, ``image``, ``path``, ``file``, ``filename`` or ``id``) and a
+      ``mask`` column (paths separated by ``|``, relative to the CSV's folder or absolute) and/or box columns (see
+      :meth:`BoxColumns.find`), with an optional finding column (``Finding Label``, ``finding``) kept as each box's
+      label. Several rows per image add up: NIH's ``BBox_List_2017.csv`` is read as shipped (one row per finding).
+
+    Raises:
+        DataError: the path is missing, or the CSV lacks an image column or any mask or box column.
+    """
+    path = Path(path).expanduser().absolute()
+    if path.is_dir():
+        return _ground_truth_folder(path)
+    if path.is_file():
+        return _ground_truth_csv(path)
+    raise DataError(f"ground truth {path} does not exist; expected a folder of mask files or a CSV file")
+
+
+def attach_ground_truth(records: Sequence[Record], ground_truth: GroundTruthTable) -> list[Record]:
+    """The records with the table's masks and boxes added to their own (matched as :meth:`GroundTruthTable.match`
+    says); keys that match no record, or several, are logged (by count) and left out."""
+    matched, unmatched = ground_truth.match(records)
+    if unmatched:
+        logger.warning("%s: %d of %d images named in the ground truth match no image of the data, or several "
+                       "(e.g. %s)", ground_truth.description, len(unmatched), len(ground_truth.keys()),
+                       ", ".join(unmatched[:3]))
+    extra_masks: dict[str, tuple[str, ...]] = defaultdict(tuple)
+    extra_boxes: dict[str, tuple[LesionBox, ...]] = defaultdict(tuple)
+    for key, record in matched.items():
+        extra_masks[record.id] += ground_truth.masks.get(key, ())
+        extra_boxes[record.id] += ground_truth.boxes.get(key, ())
+    matched_ids = {record.id for record in matched.values()}
+    return [
+        replace(record, masks=record.masks + extra_masks[record.id], boxes=record.boxes + extra_boxes[record.id])
+        if record.id in matched_ids else record
+        for record in records
+    ]
+
+
+def _ground_truth_folder(folder: Path) -> GroundTruthTable:
+    table = GroundTruthTable(description=f"mask folder {folder}")
+    found: dict[str, list[str]] = defaultdict(list)
+    for current, subfolders, file_names in os.walk(folder):
+        subfolders[:] = sorted(name for name in subfolders if not is_hidden_or_system(name))
+        for name in sorted(file_names):
+            file = Path(current) / name
+            if is_hidden_or_system(name) or special_file_reason(file) is not None:
+                table.skipped.append((str(file), "hidden, system or special file"))
+                continue
+            parts = mask_name_parts(file.stem)
+            found[parts[0] if parts else file.stem].append(str(file))
+    table.masks = {key: tuple(paths) for key, paths in found.items()}
+    return table
+
+
+def _ground_truth_csv(csv_path: Path) -> GroundTruthTable:
+    table = GroundTruthTable(description=f"ground truth {csv_path}")
+    try:
+        text = csv_path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"{csv_path}: cannot be read as UTF-8 text: {error}") from None
+    reader = csv.reader(text.splitlines())
+    header = next(reader, [])
+    names = [name.strip().lower() for name in header]
+    image_column = next((names.index(name) for name in _IMAGE_COLUMNS if name in names), None)
+    mask_column = next((names.index(name) for name in _MASK_COLUMNS if name in names), None)
+    finding_column = next((names.index(name) for name in _FINDING_COLUMNS if name in names), None)
+    box_columns = BoxColumns.find(header)
+    if image_column is None or (mask_column is None and box_columns is None):
+        raise DataError(
+            f"{csv_path}, line 1: expected an image column ({', '.join(_IMAGE_COLUMNS)}) and a mask column or box "
+            f"columns (x0,y0,x1,y1 or x,y,w,h or NIH's 'Bbox [x,y,w,h]'), got {header}"
+        )
+    masks: dict[str, list[str]] = defaultdict(list)
+    boxes: dict[str, list[LesionBox]] = defaultdict(list)
+    for values in reader:
+        if not any(value.strip() for value in values):
+            continue
+        where = f"{csv_path}:{reader.line_num}"
+        key = _cell(values, image_column).replace("\\", "/")
+        try:
+            row_masks = mask_paths(_cell(values, mask_column), csv_path.parent)
+            box = box_columns.box(values, _cell(values, finding_column) or None) if box_columns else None
+        except ValueError as error:
+            table.skipped.append((where, str(error)))
+            continue
+        if not key or not (row_masks or box):
+            table.skipped.append((where, "row names no image" if not key else "row has neither a mask nor a box"))
+            continue
+        masks[key] += row_masks
+        if box is not None:
+            boxes[key].append(box)
+    table.masks = {key: tuple(paths) for key, paths in masks.items() if paths}
+    table.boxes = {key: tuple(items) for key, items in boxes.items()}
+    return table
+
+
+def mask_paths(cell: str, base: Path) -> list[str]:
+    """The mask paths of a CSV cell (``a_mask.png|a_mask_1.png``), made absolute against ``base``."""
+    parts = [part.strip().replace("\\", "/") for part in cell.split(_MASK_SEPARATOR)]
+    return [os.path.normpath(base / part) for part in parts if part]
+
+
+def _cell(values: Sequence[str], column: int | None) -> str:
+    return values[column].strip() if column is not None and column < len(values) else ""

@@ -7,7 +7,12 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from medxai.data.ground_truth import MASK_FOLDER_NAMES, MaskPairing, mask_folder_mirrors_images, pair_mask_files
+from medxai.data.ground_truth import (
+    MASK_FOLDER_NAMES,
+    ground_truth_summary,
+    mask_folder_mirrors_images,
+    pair_mask_files,
+)
 from medxai.data.readers import is_hidden_or_system, special_file_reason
 from medxai.data.readers.files import FOLDER_REASON, LINKED_FOLDER_REASON
 from medxai.data.sources.base import (
@@ -117,7 +122,7 @@ class ImageFolderSource:
         }
         self._records = self._list_records(class_folders_by_split)
         if self._pairing.masks_of or self._pairing.orphans:
-            self.layout["masks"] = self._mask_summary()
+            self.layout["masks"] = ground_truth_summary(self._records, self._pairing.rules, self._pairing.orphans)
         log_unmatched_patient_ids(self._patient_regex, self._records)
         logger.info(
             "%s: %d files in %d classes%s, %d entries skipped",
@@ -301,18 +306,6 @@ class ImageFolderSource:
             for file in self._list_files(mask_folder):
                 pairs.append((file, parent / file.parent.relative_to(mask_folder)))
         return pairs
-
-    def _mask_summary(self) -> dict[str, object]:
-        """How masks were paired with images, for the layout (``medxai check-data`` prints it)."""
-        pairing: MaskPairing = self._pairing
-        with_masks = sum(1 for record in self._records if record.masks)
-        return {
-            "paired_by": list(pairing.rules),
-            "mask_files": len({mask for masks in pairing.masks_of.values() for mask in masks}) + len(pairing.orphans),
-            "images_with_masks": with_masks,
-            "images_without_masks": len(self._records) - with_masks,
-            "masks_without_image": len(pairing.orphans),
-        }
 
     def _list_files(self, class_folder: Path) -> list[Path]:
         """Every non-hidden regular file under ``class_folder`` at any depth; special entries are listed as skipped."""
