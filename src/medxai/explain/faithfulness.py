@@ -20,9 +20,8 @@ in torch on the model's device, for 2D ``(B, C, H, W)`` and 3D ``(B, C, D, H, W)
   one image at a time). Reported: the probability averaged over the fractions 0.1, ..., 0.9.
 * **Random baseline**: the same metric for a random heatmap of the same smoothness as a CAM (uniform noise on a
   coarse grid, upsampled bilinearly), so a user sees whether a method beats chance.
-* **Pointing game** (Zhang et al., "Top-down Neural Attention by Excitation Backprop", ECCV 2016) and
-  **energy in mask** (the energy-based pointing game of Score-CAM, Wang et al., CVPR-W 2020), when a lesion mask is
-  given.
+* Metrics against a lesion mask (pointing game, energy in mask and the rest) live in
+  :mod:`medxai.explain.localization`; ``pointing_game`` and ``energy_in_mask`` are re-exported here.
 
 Pixel order: pixels are ranked by decreasing relevance; ties (a CAM is exactly 0 on much of the image) are broken
 in a random order drawn from ``seed``, never by position, which would favour one corner of the image.
@@ -41,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medxai.errors import ConfigError
+from medxai.explain.localization import energy_in_mask, pointing_game  # re-exported: they moved there
 
 __all__ = [
     "PerturbationCurve",
@@ -507,58 +507,6 @@ def road(
 
 
 # ------------------------------------------------------------------------------------------------ lesion masks
-
-
-def pointing_game(saliency: Tensor, masks: Tensor, *, tolerance: int = 0) -> Tensor:
-    """Pointing game (Zhang et al., ECCV 2016): 1.0 where the map's maximum lies in the (dilated) mask, else 0.0.
-
-    Args:
-        saliency: ``(B, *spatial)`` heatmaps.
-        masks: ``(B, *spatial)`` bool or {0, 1} lesion masks at the same size.
-        tolerance: the mask is dilated by this many pixels first (the paper's 15 px at 224 px).
-
-    Returns:
-        ``(B,)`` float: 1.0 hit, 0.0 miss, NaN where the mask is empty (no lesion: nothing to point at).
-        With several maximal positions, the map hits when any of them lies in the mask.
-    """
-    saliency, masks = _mask_inputs(saliency, masks)
-    b = saliency.shape[0]
-    region = masks
-    if tolerance > 0:
-        pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[saliency.ndim - 1]
-        region = pool(masks.float().unsqueeze(1), 2 * tolerance + 1, stride=1, padding=tolerance)[:, 0] > 0
-    flat = saliency.reshape(b, -1)
-    at_max = flat == flat.amax(dim=1, keepdim=True)
-    hits = (at_max & region.reshape(b, -1)).any(dim=1).float()
-    empty = ~masks.reshape(b, -1).any(dim=1)
-    return torch.where(empty, torch.full_like(hits, float("nan")), hits)
-
-
-def energy_in_mask(saliency: Tensor, masks: Tensor) -> Tensor:
-    """Energy-based pointing game (Wang et al., Score-CAM, 2020): the share of the map's mass inside the mask.
-
-    Args:
-        saliency: ``(B, *spatial)`` non-negative heatmaps.
-        masks: ``(B, *spatial)`` bool or {0, 1} masks.
-
-    Returns:
-        ``(B,)`` in [0, 1]; NaN where the mask is empty or the map is all zero.
-    """
-    saliency, masks = _mask_inputs(saliency, masks)
-    b = saliency.shape[0]
-    flat = saliency.reshape(b, -1).float().clamp_min(0.0)
-    inside = (flat * masks.reshape(b, -1)).sum(dim=1)
-    total = flat.sum(dim=1)
-    valid = (total > 0) & masks.reshape(b, -1).any(dim=1)
-    return torch.where(valid, inside / torch.where(valid, total, torch.ones_like(total)),
-                       torch.full_like(total, float("nan")))
-
-
-def _mask_inputs(saliency: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
-    masks = torch.as_tensor(masks, device=saliency.device)
-    if masks.shape != saliency.shape:
-        raise ConfigError(f"masks {tuple(masks.shape)} and saliency maps {tuple(saliency.shape)} differ in shape")
-    return saliency, masks.bool()
 
 
 # ------------------------------------------------------------------------------------------------------ summary
