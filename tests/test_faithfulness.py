@@ -249,16 +249,17 @@ def test_pointing_game_and_energy_on_synthetic_masks() -> None:
     masks[3] = False  # no lesion drawn
     saliency[3, 0, 0] = 1.0
 
-    hits = pointing_game(saliency, masks)
+    hits = pointing_game(saliency, masks, tolerance=0)
     assert hits[:3].tolist() == [1.0, 0.0, 0.0] and math.isnan(hits[3])
-    assert pointing_game(saliency, masks, tolerance=1)[:3].tolist() == [1.0, 0.0, 1.0]
+    # The tolerance is Euclidean (medxai.explain.localization): (3, 3) is sqrt(2) px from the lesion.
+    assert pointing_game(saliency, masks, tolerance=1.5)[:3].tolist() == [1.0, 0.0, 1.0]
     energy = energy_in_mask(saliency, masks)
     np.testing.assert_allclose(energy[:3].numpy(), [1.0, 0.5 / 1.5, 0.0], atol=1e-7)
     assert math.isnan(energy[3])
     assert math.isnan(energy_in_mask(torch.zeros(1, 6, 6), masks[:1])[0])  # an all-zero map has no mass
     tie = torch.zeros(1, 6, 6)
     tie[0, 1, 1] = tie[0, 5, 5] = 1.0
-    assert pointing_game(tie, masks[:1]).tolist() == [1.0]  # any maximal position in the lesion counts
+    assert pointing_game(tie, masks[:1], tolerance=0).tolist() == [0.5]  # the share of the maxima in the lesion
     volume_map, volume_mask = torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 4, dtype=torch.bool)
     volume_map[0, 1, 2, 2], volume_mask[0, 1, 2, 2] = 1.0, True
     assert pointing_game(volume_map, volume_mask).tolist() == [1.0]

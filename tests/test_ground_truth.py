@@ -455,3 +455,42 @@ def test_a_ground_truth_csv_without_image_or_ground_truth_columns_is_refused(tmp
     path.write_text("name,score\nx.png,1\n")
     with pytest.raises(DataError, match="line 1: expected an image column"):
         open_ground_truth(path)
+
+
+# -- check-data --------------------------------------------------------------------------------------------------------
+def test_check_data_reports_how_masks_were_paired(tmp_path, capsys):
+    import json
+
+    from medxai.cli import main
+
+    root = tmp_path / "data"
+    _save(root / "a" / "x.png", np.full((10, 10), 40, dtype=np.uint8))
+    _save(root / "a" / "x_mask.png", _lesion(10, 10, slice(0, 4), slice(0, 5)))
+    _save(root / "a" / "y.png", np.full((10, 12), 90, dtype=np.uint8))
+    _save(root / "a" / "y_mask.png", _lesion(10, 10, slice(0, 4), slice(0, 5)))  # another size
+    _save(root / "a" / "gone_mask.png", _lesion(10, 10, slice(0, 4), slice(0, 5)))  # no image
+    _save(root / "b" / "z.png", np.full((10, 10), 160, dtype=np.uint8))
+    _save(root / "b" / "z_mask.png", np.zeros((10, 10), dtype=np.uint8))  # a normal image's empty mask
+    _save(root / "b" / "w.png", np.full((10, 10), 220, dtype=np.uint8))  # no mask
+
+    assert main(["check-data", str(root), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    truth = result["ground_truth"]
+    assert result["files"] == 4 and result["splits"]["all"]["n"] == 4
+    assert {key: truth[key] for key in ("images_with_masks", "images_without_masks", "masks_without_image",
+                                        "mask_files", "with_lesion", "empty_masks")} == {
+        "images_with_masks": 3, "images_without_masks": 1, "masks_without_image": 1, "mask_files": 4,
+        "with_lesion": 1, "empty_masks": 1}
+    assert truth["paired_by"] == ["<image>_mask* beside the image"]
+    assert truth["images_without_masks_list"] == ["b/w.png"]
+    assert [Path(entry["file"]).name for entry in truth["masks_without_image_list"]] == ["gone_mask.png"]
+    assert [(entry["image"], Path(entry["file"]).name, entry["reason"]) for entry in truth["unusable"]] == [
+        ("a/y.png", "y_mask.png", "mask is 10x10 pixels but its image is 12x10; a mask must have its image's size "
+                                  "(it is not resized)")]
+
+    assert main(["check-data", str(root)]) == 0
+    printed = capsys.readouterr().out
+    assert "masks: 3 images with masks, 1 without, 1 mask files without an image (skipped)" in printed
+    for title in ("mask files without an image (first 1 of 1)", "images without a mask (first 1 of 1)",
+                  "masks that cannot be used (first 1 of 1)"):
+        assert title in printed

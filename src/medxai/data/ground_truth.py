@@ -52,6 +52,7 @@ __all__ = [
     "fill_boxes",
     "prepare_masks",
     "MASK_FOLDER_NAMES",
+    "ORPHAN_MASK_REASON",
     "mask_name_parts",
     "MaskPairing",
     "pair_mask_files",
@@ -65,6 +66,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: How a mask file without its image is listed in a source's ``skipped``.
+ORPHAN_MASK_REASON = "mask file without its image"
 
 #: Folder names (any letter case) that may hold mask files mirroring the image names beside or below them.
 MASK_FOLDER_NAMES = frozenset({"masks", "mask", "segmentations", "segmentation"})
@@ -313,7 +317,7 @@ def pair_mask_files(files: Sequence[Path], folder_masks: Iterable[tuple[Path, Pa
         stems = _image_stems_for(mask.stem)
         images = next((images_at[(folder, stem)] for stem in stems if (folder, stem) in images_at), [])
         if not images:
-            pairing.orphans.append((str(mask), f"mask file without its image: no image named {stems[-1]!r} {where}"))
+            pairing.orphans.append((str(mask), f"{ORPHAN_MASK_REASON}: no image named {stems[-1]!r} {where}"))
             continue
         for image in images:
             found[image].append(str(mask))

@@ -128,6 +128,7 @@ def pointing_game(maps: Tensor, masks: Tensor, *, tolerance: float | None = None
     Quantus counts a hit when ANY maximal pixel is in the mask, which favours flat maps. medxai returns the share of
     the maximal pixels that hit: the expected hit of a maximum picked at random among the tied ones. With a unique
     maximum (the usual case) all three agree; a constant map scores the share of the image near the lesion (chance).
+    An empty mask is undefined here; Quantus 0.6 writes its NaN into a bool array and so scores it a hit.
 
     Args:
         maps: ``(B, *spatial)`` heatmaps.
@@ -333,28 +334,19 @@ def choose_thresholds(
 def connected_components(binary: Tensor) -> Tensor:
     """Label the connected components of each binary image (full connectivity: 8 in 2D, 26 in 3D).
 
-    Label propagation in torch: every foreground pixel starts with its own raster index + 1 and repeatedly takes
-    the largest label of its neighbourhood (a 3^n max-pool) until nothing changes, so a component ends up labelled
-    by its last pixel in raster order. The number of rounds is the longest path inside a component (a few dozen for
-    blob-like heatmaps, more for long thin shapes). Same partition as ``scipy.ndimage.label`` with a full structure.
+    ``scipy.ndimage.label`` on the CPU, one image at a time, the result moved back to the input's device: the one
+    step here that is not torch. Label propagation by max-pooling in torch was tried and needs as many rounds as a
+    component is long (50 s for eight 500 x 500 heatmaps on 2 CPU cores, against milliseconds here).
 
     Returns:
-        ``(B, *spatial)`` int64, 0 on background; labels are unique within an image, not consecutive.
+        ``(B, *spatial)`` int64, 0 on background, 1..K_b in each image.
     """
-    binary = binary.bool()
-    b, *spatial = binary.shape
-    pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[len(spatial)]
-    count = math.prod(spatial)
-    # float64 holds every raster index of an image below 2^53 pixels exactly; max-pool has no integer kernel.
-    ids = torch.arange(1, count + 1, device=binary.device, dtype=torch.float64).reshape(1, 1, *spatial)
-    foreground = binary.unsqueeze(1).double()
-    labels = ids * foreground
-    for _ in range(count):
-        grown = pool(labels, 3, stride=1, padding=1) * foreground
-        if torch.equal(grown, labels):
-            break
-        labels = grown
-    return labels.squeeze(1).long()
+    from scipy import ndimage  # scikit-image's dependency, imported where used
+
+    host = binary.bool().cpu().numpy()
+    structure = np.ones((3,) * (host.ndim - 1), dtype=bool)
+    labels = np.stack([ndimage.label(image, structure=structure)[0] for image in host]) if host.shape[0] else host
+    return torch.from_numpy(labels.astype(np.int64)).to(binary.device)
 
 
 def component_boxes(labels: Tensor) -> dict[str, Tensor]:

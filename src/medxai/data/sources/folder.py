@@ -67,6 +67,12 @@ class ImageFolderSource:
     it is an image is decided from its content by :meth:`load`, which raises
     :class:`~medxai.errors.InvalidImageError` for one that is not.
 
+    Lesion masks are never images of a class: files named ``<image>_mask*`` (``_seg``, ``_label``, ``-mask``...)
+    beside their image, and ``masks/`` or ``segmentations/`` folders mirroring the image names (beside the class
+    folders, inside one, or inside a split folder) become their images' :attr:`Record.masks`, once the data set shows
+    the convention (see :func:`~medxai.data.ground_truth.pair_mask_files`); a mask without its image is listed in
+    :attr:`skipped`, and ``layout["masks"]`` counts the pairs.
+
     Args:
         root: the dataset folder.
         patient_pattern: optional regular expression searched in each file name; group 1 (or the whole match when
