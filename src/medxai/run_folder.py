@@ -85,6 +85,7 @@ EXPLAIN_METRICS_FILE = "explain_metrics.json"
 EXPLAIN_SKIPPED_FILE = "explain_skipped.csv"
 LOCALIZATION_DIR = "localization"  # explain-eval: best/worst overlays with the mask outlined, per-image rows
 LOCALIZATION_ROWS_FILE = "localization.csv"
+SHORTCUT_DIR = "shortcut"  # explain-eval: overlays of the images whose evidence sits on a suspected shortcut
 GALLERY_FILE = "gallery.json"
 EVALUATION_FILE = "evaluation.json"
 PREDICTIONS_FILE = "predictions.csv"
@@ -334,6 +335,10 @@ class EvaluationFolder:
     @property
     def localization_dir(self) -> Path:
         return self.path / LOCALIZATION_DIR
+
+    @property
+    def shortcut_dir(self) -> Path:
+        return self.path / SHORTCUT_DIR
 
     @property
     def localization_rows_path(self) -> Path:

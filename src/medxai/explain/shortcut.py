@@ -24,7 +24,8 @@ share alone proves nothing: a uniform map would put 36 % of its energy in a 10 %
 region when the share of its energy there is at least ``min_share`` (0.5) AND at least ``min_enrichment`` (2) times
 the share of the image's area the region takes (the evidence is twice as dense there as a uniform map's). The alarm
 fires for a region (border, text, outside the foreground, each judged on its own) when at least
-``min_flagged_fraction`` (25 %) of the correctly classified images are flagged, or at least half of one class's. The thresholds are judgement calls, set so that the toy marker set fires and the toy
+``min_flagged_fraction`` (25 %) of the correctly classified images are flagged, or at least half of one class's
+(and at least three images). The thresholds are judgement calls, set so that the toy marker set fires and the toy
 centre set stays quiet (tests/test_shortcut.py); the verdict lists them.
 """
 
@@ -75,6 +76,7 @@ MIN_SHARE = 0.5
 MIN_ENRICHMENT = 2.0
 MIN_FLAGGED_FRACTION = 0.25
 MIN_FLAGGED_CLASS_FRACTION = 0.5
+MIN_FLAGGED_CLASS_IMAGES = 3
 #: Regions the alarm judges, each on its own: the text region is small, so a map on a marker is many times denser
 #: there than a uniform map; judged together with the border (36 % of the image, 44 % at 32 px) the same map is not.
 ALARM_REGIONS = ("border", "text", "outside_foreground")
@@ -211,16 +213,19 @@ def shortcut_alarm(
         area = as_arrays[f"{region}_area"]
         enrichment = np.divide(energy, area, out=np.zeros_like(energy), where=area > 0)
         flagged = (energy >= min_share) & (enrichment >= min_enrichment)
-        by_class = {}
+        by_class, class_fires = {}, False
         if labels is not None:
             for label in sorted(set(labels)):
                 members = np.array([value == label for value in labels])
                 by_class[label] = float(flagged[members].mean())
+                # half of a class, and at least MIN_FLAGGED_CLASS_IMAGES of them: one flagged image of a class
+                # with two correct ones is no pattern
+                class_fires |= (by_class[label] >= MIN_FLAGGED_CLASS_FRACTION
+                                and int(flagged[members].sum()) >= MIN_FLAGGED_CLASS_IMAGES)
         fraction = float(flagged.mean()) if n_images else 0.0
         order = np.argsort(-energy, kind="stable")
         regions[region] = {
-            "fires": bool(n_images) and (fraction >= min_flagged_fraction
-                                         or any(value >= MIN_FLAGGED_CLASS_FRACTION for value in by_class.values())),
+            "fires": bool(n_images) and (fraction >= min_flagged_fraction or class_fires),
             "flagged_fraction": fraction,
             "flagged_fraction_by_class": by_class,
             "median_energy_share": float(np.median(energy)) if n_images else None,
@@ -236,6 +241,7 @@ def shortcut_alarm(
         "n_images": n_images,
         "thresholds": {"min_share": min_share, "min_enrichment": min_enrichment,
                        "min_flagged_fraction": min_flagged_fraction,
-                       "min_flagged_class_fraction": MIN_FLAGGED_CLASS_FRACTION},
+                       "min_flagged_class_fraction": MIN_FLAGGED_CLASS_FRACTION,
+                       "min_flagged_class_images": MIN_FLAGGED_CLASS_IMAGES},
         "regions": regions,
     }

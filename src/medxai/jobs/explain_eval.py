@@ -53,6 +53,7 @@ from medxai.jobs.localization import (
     place_maps,
     read_truths,
     save_extreme_cases,
+    shortcut_verdicts,
     thresholds_on,
 )
 from medxai.run_folder import RunFolder, write_skipped
@@ -171,6 +172,8 @@ def evaluate_explanations(
             "thresholds_from": validation[0] if validation else None,
         }
     localization_table: list[dict[str, Any]] = []
+    maps_by_method: dict[str, Tensor] = {}
+    classes_by_method: dict[str, Tensor] = {}
     random_metrics: dict[str, Tensor] | None = None
     random_classes: Tensor | None = None
     # Three stages per method (maps, deletion/insertion/ROAD, sanity check): a bar with rate and ETA over them all.
@@ -179,6 +182,7 @@ def evaluate_explanations(
         progress.set_postfix_str(method_name)
         started = time.perf_counter()
         maps, classes = _maps(method, model, layer, images, classifier, batch_size)
+        maps_by_method[method_name], classes_by_method[method_name] = maps, classes
         progress.update()
         options = dict(steps=steps, baseline=baseline, batch_size=batch_size, score_fn=calibrated_probability,
                        seed=seed)
@@ -218,6 +222,15 @@ def evaluate_explanations(
                     entry["deletion_auc"], random_means["deletion_auc"], entry["insertion_auc"],
                     random_means["insertion_auc"], "passed" if sanity.passed else "FAILED", entry["seconds"])
     progress.close()
+    records_by_id = {record.id: record for record in records}
+    verdicts = shortcut_verdicts(out.shortcut_dir, source, records_by_id, prepared, maps_by_method,
+                                 classes_by_method, classifier.card.label_names)
+    for method_name, verdict in verdicts.items():
+        document["methods"][method_name]["shortcut_alarm"] = verdict
+    document["shortcut_alarm"] = {"fires": any(verdict["fires"] for verdict in verdicts.values()),
+                                  "methods": [name for name, verdict in verdicts.items() if verdict["fires"]]}
+    if own:
+        _record_shortcut_verdict(run, document)
 
     if not own and not out.info_path.is_file():
         out.write_info({"name": out.name, "kind": "external", "data": source.description,
@@ -228,6 +241,18 @@ def evaluate_explanations(
     if skipped:
         write_skipped(out.explain_skipped_path, skipped)
     return document
+
+
+def _record_shortcut_verdict(run: RunFolder, document: Mapping[str, Any]) -> None:
+    """The model card keeps the shortcut alarm's verdict on the run's own images (an unbound, descriptive field:
+    measured after the weights were saved), with the split and methods it was measured on."""
+    card = run.read_card()
+    card.metrics["shortcut_alarm"] = {
+        "split": document["split"], "n_images": document["n_images"], **document["shortcut_alarm"],
+        "regions": sorted({region for entry in document["methods"].values()
+                           for region, result in entry["shortcut_alarm"]["regions"].items() if result["fires"]}),
+    }
+    run.write_card(card)
 
 
 def _model_inputs(classifier: Classifier, prepared: PreparedSplit) -> Tensor:

@@ -35,6 +35,7 @@ from medxai.explain.localization import (
     summarize_localization,
 )
 from medxai.explain.overlay import place_on_original, save_overlay
+from medxai.explain.shortcut import shortcut_alarm, shortcut_shares
 
 __all__ = [
     "LesionTruth",
@@ -44,6 +45,7 @@ __all__ = [
     "localization_summary",
     "thresholds_on",
     "save_extreme_cases",
+    "shortcut_verdicts",
     "LESION_METRICS",
     "EMPTY_MASK_METRICS",
 ]
@@ -192,6 +194,7 @@ def save_extreme_cases(folder: Path, method: str, rows: Sequence[Mapping[str, An
     ranked = [(row[_RANKING_METRIC], position) for position, row in enumerate(rows)
               if not row["empty_mask"] and row["outcome"] == "correct" and row.get(_RANKING_METRIC) is not None]
     ranked.sort()
+    count = min(count, len(ranked) // 2)  # the best and the worst never show the same image
     chosen = [("worst", ranked[:count]), ("best", ranked[::-1][:count])]
     cases = []
     folder.mkdir(parents=True, exist_ok=True)
@@ -205,6 +208,63 @@ def save_extreme_cases(folder: Path, method: str, rows: Sequence[Mapping[str, An
             cases.append({"kind": kind, "rank": rank, "file": path.name, "class": rows[position]["class"],
                           _RANKING_METRIC: round(float(score), 4)})
     return cases
+
+
+def shortcut_verdicts(folder: Path, source: Source, records: Mapping[str, Record], prepared: PreparedSplit,
+                      maps: Mapping[str, Tensor], classes: Mapping[str, Tensor], label_names: Sequence[str], *,
+                      examples: int = 3) -> dict[str, dict[str, Any]]:
+    """The shortcut alarm of each method (:func:`medxai.explain.shortcut.shortcut_alarm`) on the correctly classified
+    images, with overlays of its worst examples (``shortcut/<method>_<region>_<rank>.png``) where it fires.
+
+    Each image is decoded once at its original resolution (its grey version finds the border, burnt-in text and
+    the foreground; a DICOM file's Burned In Annotation flag adds its border to the text) and every method's map is
+    placed on it as its overlay would be.
+    """
+    correct = {name: (classes[name].cpu() == prepared.labels.cpu()).nonzero().flatten().tolist() for name in maps}
+    wanted = sorted(set().union(*correct.values()))
+    shares: dict[str, dict[int, dict[str, Tensor]]] = {name: {} for name in maps}
+    for index in wanted:
+        sample = source.load(records[prepared.ids[index]])
+        grey = _grey(sample.image).to(next(iter(maps.values())).device)
+        box = prepared.boxes[index]
+        for name, method_maps in maps.items():
+            if index in correct[name]:
+                placed = place_on_original(method_maps[index], tuple(grey.shape), box.as_tuple() if box else None)
+                shares[name][index] = shortcut_shares(
+                    placed[None], grey[None], burned_in=[bool(sample.meta.get("burned_in_annotation"))])
+    verdicts = {}
+    for name, by_index in shares.items():
+        indices = sorted(by_index)
+        stacked = {key: torch.cat([by_index[i][key].cpu() for i in indices]) for key in next(iter(
+            by_index.values()))} if indices else {key: torch.zeros(0) for key in _SHARE_KEYS}
+        verdict = shortcut_alarm(stacked, classes=[label_names[int(prepared.labels[i])] for i in indices])
+        for region, result in verdict["regions"].items():
+            result["worst_examples"] = [
+                _save_example(folder / f"{name}_{region}_{rank}.png", source, records, prepared, maps[name], indices[k])
+                for rank, k in enumerate(result["worst_examples"][:examples], start=1)
+            ] if result["fires"] else []
+        verdicts[name] = verdict
+    return verdicts
+
+
+_SHARE_KEYS = ("border_energy", "border_area", "text_energy", "text_area", "outside_foreground_energy",
+               "outside_foreground_area")
+
+
+def _save_example(path: Path, source: Source, records: Mapping[str, Record], prepared: PreparedSplit, maps: Tensor,
+                  index: int) -> str:
+    box = prepared.boxes[index]
+    save_overlay(path, source.load(records[prepared.ids[index]]).image, maps[index].cpu().numpy(),
+                 crop_box=box.as_tuple() if box else None)
+    return path.name
+
+
+def _grey(image: np.ndarray) -> Tensor:
+    """A decoded image as a float ``(H, W)`` grey tensor (colour channels averaged, alpha dropped)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(image)).float()
+    if tensor.ndim == 3:
+        tensor = tensor[..., :3].mean(dim=2)
+    return tensor
 
 
 def mask_outline(mask: Tensor, width: int | None = None) -> Tensor:

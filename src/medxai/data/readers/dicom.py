@@ -419,6 +419,8 @@ def _read_frame(
         "original_size": [geometry.columns, geometry.rows],
         "modality": str(dataset.get("Modality", "") or "").strip().upper(),
         "body_part": str(dataset.get("BodyPartExamined", "") or "").strip().upper(),
+        # (0028,0301) Burned In Annotation: "YES" when the pixels carry text (the shortcut alarm counts the border)
+        "burned_in_annotation": str(dataset.get("BurnedInAnnotation", "") or "").strip().upper() == "YES",
         "sop_class": sop_name,
         "transfer_syntax": transfer_syntax,
         "frames": geometry.frames,
