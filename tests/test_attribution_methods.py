@@ -293,6 +293,19 @@ def test_superpixels_are_those_of_the_denormalised_image() -> None:
     assert labels.shape == (16, 16) and labels.unique().tolist() == list(range(int(labels.max()) + 1))
 
 
+@pytest.mark.parametrize("method", [LIME, KernelSHAP])
+def test_one_superpixel_gets_the_score_difference(method) -> None:
+    """A flat or tiny image may give one superpixel: its Shapley value is ``f(x) - f(reference)`` (Captum's
+    KernelSHAP would fail on a single feature)."""
+    model, images = toy_net(), toy_images(2)
+    result = method(model, n_segments=1, n_samples=8)(images, 1)
+    with torch.no_grad():
+        expected = model(images)[:, 1] - model(torch.zeros_like(images))[:, 1]
+    assert_allclose(result.raw_maps.numpy(), np.maximum(expected.numpy(), 0)[:, None, None].repeat(16, 1).repeat(
+        16, 2), rtol=1e-5, atol=1e-7)
+    assert float(result.maps.abs().max()) == 0.0  # a constant map normalises to zeros
+
+
 def test_bad_options_fail_when_built() -> None:
     model = toy_net()
     for build_bad, match in [

@@ -22,6 +22,7 @@ from torch import nn
 from medxai.classifier import Classifier
 from medxai.config import PreprocessConfig
 from medxai.explain import (
+    BaseCAM,
     CAM_METHODS,
     ClassTarget,
     DecisionTarget,
