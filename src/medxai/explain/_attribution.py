@@ -33,14 +33,15 @@ import torch
 from torch import Tensor, nn
 
 from medxai.errors import ConfigError
-from medxai.explain.base import CAMResult, _as_logits, _model_device, normalize_per_sample
+from medxai.explain.base import CAMResult, _as_logits, _model_device, checked_call, normalize_per_sample
 from medxai.explain.faithfulness import baseline_images
-from medxai.explain.targets import TargetLike, as_target, target_classes
+from medxai.explain.targets import TargetLike, target_classes
 
 __all__ = [
     "InputAttribution",
     "RowScorer",
     "SuperpixelAttribution",
+    "check_reference_kind",
     "pixel_map",
     "reference_images",
     "seeded_global_generators",
@@ -62,7 +63,7 @@ ReferenceKind = Literal["zero", "blur", "mean"]
 
 
 def pixel_map(attributions: Tensor, channels: ChannelReduction, sign: Sign) -> Tensor:
-    """``(B, C, *spatial)`` attributions -> ``(B, *spatial)`` per-pixel map (see :data:`ChannelReduction`, :data:`Sign`).
+    """``(B, C, *spatial)`` attributions -> ``(B, *spatial)`` per-pixel map (:data:`ChannelReduction`, :data:`Sign`).
 
     Raises:
         ConfigError: an unknown reduction or sign.
@@ -91,11 +92,16 @@ def reference_images(inputs: Tensor, kind: ReferenceKind) -> Tensor:
     Raises:
         ConfigError: an unknown kind.
     """
-    if kind == "zero":
+    if check_reference_kind(kind) == "zero":
         return torch.zeros_like(inputs)
-    if kind in ("blur", "mean"):
-        return baseline_images(inputs, kind)
-    raise ConfigError(f"unknown baseline {kind!r}: use 'zero', 'blur' or 'mean'")
+    return baseline_images(inputs, kind)
+
+
+def check_reference_kind(kind: str) -> ReferenceKind:
+    """``kind`` if it is a :data:`ReferenceKind`; raises ConfigError otherwise (at construction, not at a call)."""
+    if kind not in ("zero", "blur", "mean"):
+        raise ConfigError(f"unknown baseline {kind!r}: use 'zero', 'blur' or 'mean'")
+    return kind  # type: ignore[return-value]
 
 
 @contextlib.contextmanager
@@ -264,14 +270,7 @@ class InputAttribution:
             ConfigError: a bad target.
             ModelError: the model does not return a logits tensor.
         """
-        if not isinstance(inputs, Tensor) or inputs.ndim not in (4, 5):
-            shape = tuple(inputs.shape) if isinstance(inputs, Tensor) else type(inputs).__name__
-            raise ValueError(f"expected a (B, C, H, W) or (B, C, D, H, W) tensor, got {shape}")
-        target_fn = as_target(target)
-        if self.model.training and not self._warned_training_mode:
-            logger.warning("explaining a model in training mode: BatchNorm and dropout make maps batch-dependent; "
-                           "call model.eval() first")
-            self._warned_training_mode = True
+        target_fn = checked_call(self, inputs, target)
         # Integrated Gradients and GradientSHAP need a graph even when the caller runs under no_grad.
         with torch.inference_mode(False), torch.enable_grad():
             batch = inputs.detach().to(_model_device(self.model, inputs.device))
@@ -353,11 +352,10 @@ class SuperpixelAttribution(InputAttribution):
                               f"{n_segments} and {n_samples}")
         if not float(compactness) > 0:
             raise ConfigError(f"{type(self).__name__} compactness must be positive, got {compactness}")
-        reference_images(torch.zeros(1, 1, 1, 1), baseline)  # an unknown baseline fails here
+        self.baseline = check_reference_kind(baseline)
         self.n_segments = int(n_segments)
         self.compactness = float(compactness)
         self.n_samples = int(n_samples)
-        self.baseline = baseline
 
     def explainer(self, scorer: RowScorer):
         """Captum's explainer over ``scorer`` (``captum.attr.Lime`` or ``KernelShap``)."""

@@ -39,6 +39,7 @@ from medxai.explain._attribution import (
     ReferenceKind,
     RowScorer,
     Sign,
+    check_reference_kind,
     reference_images,
     seeded_global_generators,
 )
@@ -85,11 +86,9 @@ class GradientSHAP(InputAttribution):
         if float(stdevs) < 0:
             raise ConfigError(f"GradientSHAP stdevs must not be negative, got {stdevs}")
         if not isinstance(baselines, Tensor):
-            baselines = tuple(baselines)
+            baselines = tuple(check_reference_kind(kind) for kind in baselines)
             if not baselines:
                 raise ConfigError("GradientSHAP needs at least one baseline kind")
-            for kind in baselines:
-                reference_images(torch.zeros(1, 1, 1, 1), kind)  # an unknown kind fails here
         self.baselines = baselines
         self.n_samples = int(n_samples)
         self.stdevs = float(stdevs)

@@ -33,7 +33,14 @@ import torch
 from torch import Tensor, nn
 
 from medxai.errors import ConfigError
-from medxai.explain._attribution import InputAttribution, ReferenceKind, RowScorer, Sign, reference_images
+from medxai.explain._attribution import (
+    InputAttribution,
+    ReferenceKind,
+    RowScorer,
+    Sign,
+    check_reference_kind,
+    reference_images,
+)
 
 __all__ = ["IntegratedGradients"]
 
@@ -74,8 +81,7 @@ class IntegratedGradients(InputAttribution):
         super().__init__(model, target_layers, batch_size=batch_size, seed=seed, sign=sign)
         if int(n_steps) < 1:
             raise ConfigError(f"IntegratedGradients n_steps must be positive, got {n_steps}")
-        reference_images(torch.zeros(1, 1, 1, 1), baseline)  # an unknown baseline fails here, not at the first call
-        self.baseline = baseline
+        self.baseline = check_reference_kind(baseline)
         self.n_steps = int(n_steps)
 
     def attribute(self, inputs: Tensor, scorer: RowScorer) -> Tensor:

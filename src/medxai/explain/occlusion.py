@@ -29,7 +29,14 @@ import torch
 from torch import Tensor, nn
 
 from medxai.errors import ConfigError
-from medxai.explain._attribution import InputAttribution, ReferenceKind, RowScorer, Sign, reference_images
+from medxai.explain._attribution import (
+    InputAttribution,
+    ReferenceKind,
+    RowScorer,
+    Sign,
+    check_reference_kind,
+    reference_images,
+)
 
 __all__ = ["Occlusion"]
 
@@ -71,10 +78,9 @@ class Occlusion(InputAttribution):
             raise ConfigError(f"Occlusion window must be a fraction in (0, 1] or a pixel count >= 1, got {window!r}")
         if stride is not None and int(stride) < 1:
             raise ConfigError(f"Occlusion stride must be at least 1 pixel, got {stride}")
-        reference_images(torch.zeros(1, 1, 1, 1), baseline)  # an unknown baseline fails here
         self.window = window
         self.stride = stride
-        self.baseline = baseline
+        self.baseline = check_reference_kind(baseline)
 
     def window_and_stride(self, spatial: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """The window and the stride in pixels along each spatial axis of an image of size ``spatial``."""

@@ -99,7 +99,8 @@ class RISE(InputAttribution):
         """Upsample and crop coarse grids ``(m, 1, s, ..)`` at ``shifts (m, dims)``: masks ``(m, *spatial)``."""
         spatial = tuple(int(side) for side in spatial)
         upsampled_size = tuple((self.grid_size + 1) * math.ceil(side / self.grid_size) for side in spatial)
-        upsampled = F.interpolate(grids, size=upsampled_size, mode=_INTERPOLATION_MODES[len(spatial)], align_corners=False)
+        mode = _INTERPOLATION_MODES[len(spatial)]
+        upsampled = F.interpolate(grids, size=upsampled_size, mode=mode, align_corners=False)
         crops = [
             upsampled[(index, 0, *[slice(int(start), int(start) + side) for start, side in zip(shift, spatial)])]
             for index, shift in enumerate(shifts.tolist())
