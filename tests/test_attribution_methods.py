@@ -225,6 +225,17 @@ def test_another_seed_gives_another_map(name: str) -> None:
     assert not torch.allclose(build(name, model)(images).raw_maps, build(name, model, seed=SEED + 1)(images).raw_maps)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["integratedgradients", "occlusion", "rise", "lime"])
+def test_on_the_models_device(name: str) -> None:
+    """Inputs on the host, model on the GPU: the work and the maps on the GPU, the maps those of the CPU."""
+    model, images = toy_net(), toy_images()
+    on_host = build(name, model)(images)
+    on_device = build(name, model.cuda())(images)
+    assert on_device.maps.is_cuda and on_device.logits.is_cuda
+    torch.testing.assert_close(on_device.maps.cpu(), on_host.maps, rtol=1e-3, atol=1e-3)
+
+
 @pytest.mark.parametrize("name", NEW_METHODS)
 def test_3d_volumes(name: str) -> None:
     model, volume = toy_net(in_chans=1, dims=3), toy_images(1, in_chans=1, spatial=(8, 12, 12))

@@ -189,9 +189,9 @@ def superpixels(image: Tensor, n_segments: int, compactness: float) -> Tensor:
 
     values = image.detach().float()
     flat = values.flatten(1)
-    low, high = flat.amin(1), flat.amax(1)
-    scaled = (values - low.view(-1, *[1] * (values.ndim - 1))) / (high - low).clamp_min(1e-12).view(
-        -1, *[1] * (values.ndim - 1))
+    per_channel = (-1,) + (1,) * (values.ndim - 1)
+    low, high = flat.amin(1).view(per_channel), flat.amax(1).view(per_channel)
+    scaled = (values - low) / (high - low).clamp_min(1e-12)
     channels_last = np.moveaxis(scaled.cpu().numpy().astype(np.float64), 0, -1)
     labels = slic(channels_last, n_segments=int(n_segments), compactness=float(compactness), channel_axis=-1,
                   convert2lab=False, start_label=0, enforce_connectivity=True, sigma=1.0)

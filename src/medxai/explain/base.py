@@ -149,9 +149,10 @@ def normalize_per_sample(maps: Tensor) -> Tensor:
     return normalised.reshape(maps.shape)
 
 
-def checked_call(method: BaseCAM | object, inputs: Tensor, target: TargetLike) -> Callable[[Tensor], Tensor]:
-    """What every heatmap method checks before it explains: a ``(B, C, *spatial)`` 2D or 3D batch, a target it can
-    resolve (returned as a callable), and, once per method object, a warning for a model in training mode.
+def checked_call(method: object, inputs: Tensor, target: TargetLike) -> Callable[[Tensor], Tensor]:
+    """What every heatmap method (an object with a ``model``) checks before it explains: a 2D or 3D
+    ``(B, C, *spatial)`` batch, a target it can resolve (returned as a callable), and, once per method object, a
+    warning for a model in training mode.
 
     Raises:
         ValueError: ``inputs`` is not a 4D or 5D tensor.
