@@ -31,6 +31,7 @@ from medxai.explain import (
     get_cam_method,
 )
 from medxai.explain._attribution import RowScorer, pixel_map, reference_images, superpixels
+from medxai.explain.base import normalize_per_sample
 from medxai.explain.sanity import model_randomisation_check
 
 SEED = 7
@@ -293,6 +294,22 @@ def test_under_inference_mode_and_for_a_model_without_a_cam_layer() -> None:
     outside = build_cam(model, "Integrated-Gradients", None)
     assert isinstance(outside, IntegratedGradients)
     torch.testing.assert_close(inside.raw_maps, IntegratedGradients(model, n_steps=4)(images).raw_maps)
+
+
+def test_an_ensemble_explained_member_by_member() -> None:
+    from medxai.models.ensemble import EnsembleModel
+
+    members = [toy_net(num_classes=2), toy_net(num_classes=2)]  # EnsembleModel reads what medxai models declare
+    for member in members:
+        member.num_classes, member.in_chans, member.input_size = 2, 3, 16
+        member.cam_layer, member.stage_layers = "2", ("2",)
+    with torch.no_grad():
+        members[1][6].weight.mul_(-1.0)  # a member that disagrees
+    ensemble = EnsembleModel(members).eval()
+    images = toy_images()
+    result = build_cam(ensemble, "occlusion", None)(images, 1)
+    maps = [Occlusion(member)(images, ClassTarget(1)).maps for member in members]  # each member at its own maps
+    torch.testing.assert_close(result.maps, normalize_per_sample(torch.stack(maps).mean(0)))
 
 
 def test_superpixels_are_those_of_the_denormalised_image() -> None:
