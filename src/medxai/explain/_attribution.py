@@ -369,8 +369,8 @@ class SuperpixelAttribution(InputAttribution):
             segments = superpixels(inputs[index], self.n_segments, self.compactness)
             sample_index = torch.tensor([index], device=inputs.device)
             if int(segments.max()) == 0:
-                # One superpixel (a tiny or flat image): its Shapley value, and the surrogate's slope, is the score
-                # of the image minus that of the reference; Captum's KernelSHAP has no kernel for one feature.
+                # One superpixel (a tiny or flat image): its Shapley value (and an unpenalised surrogate's slope) is
+                # the image's score minus the reference's; Captum's KernelSHAP has no kernel for a single feature.
                 with torch.no_grad():
                     pair = torch.cat([inputs[index : index + 1], references[index : index + 1]])
                     first, second = scorer(pair, sample_index.repeat(2)).tolist()
