@@ -16,16 +16,26 @@ ResNet in eval mode with seeded random weights (throughput does not depend on th
 * Captum: ``LayerGradCam(model, model.layer4).attribute(x, target=classes, relu_attributions=True)``, then
   ``LayerAttribution.interpolate`` to the input size and per-image min-max normalisation in torch.
 
+The input-attribution methods (``--attribution``, default all six) are timed the same way, each against Captum's own
+call on the same batch, classes and settings (medxai's defaults: Integrated Gradients 32 Gauss-Legendre steps from a
+zero baseline; GradientSHAP 32 samples over zero and blurred references, one seeded call per image; Occlusion with a
+1/8-side window and half-window stride; LIME (ridge surrogate) and KernelSHAP with 256 samples over about 50 SLIC
+superpixels, one seeded call per image, the segments computed inside both timings). ``medxai-<method>`` is
+``get_cam_method(<method>)(model)(x, target=classes).maps``; ``captum-<method>`` is Captum's ``attribute`` reduced to
+the same min-max normalised map in torch. RISE is not in Captum: it is timed alone.
+
 Implementations are timed in interleaved rounds (each round times every implementation once, after warm-up), so that
 a change in machine load hits all of them alike; the reported figure is the median over rounds. The maps of the
 three implementations are compared (maximum absolute difference) before timing.
 
 Prints one JSON object per implementation (``impl``, ``model``, ``batch``, ``device``, ``img_per_s``, ...) and a final
-one with ``speedup_vs_pytorch_grad_cam``; ``--out`` also writes them to a JSON file.
+one with ``speedup_vs_pytorch_grad_cam``, each attribution method's ``speedup_vs_captum`` and the largest map
+difference from Captum's; ``--out`` also writes them to a JSON file.
 
 Examples:
     python benchmarks/explain_throughput.py --device cpu --model resnet18 --batch 32
     python benchmarks/explain_throughput.py --device cuda --model resnet50 --batch 64 --out results/gpu.json
+    python benchmarks/explain_throughput.py --impls "" --attribution integratedgradients,rise --size 64 --batch 4
 """
 
 from __future__ import annotations
@@ -45,6 +55,7 @@ import torch
 import torchvision
 
 IMPLEMENTATIONS = ("medxai", "medxai-contiguous", "pytorch-grad-cam", "captum")
+ATTRIBUTION_METHODS = ("integratedgradients", "gradientshap", "occlusion", "rise", "lime", "kernelshap")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,7 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--iters", type=int, default=3, help="timed calls per implementation per round")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--impls", default=",".join(IMPLEMENTATIONS), help="comma-separated subset to run")
+    parser.add_argument("--impls", default=",".join(IMPLEMENTATIONS),
+                        help="comma-separated subset of the Grad-CAM implementations to run ('' for none)")
+    parser.add_argument("--attribution", default=",".join(ATTRIBUTION_METHODS),
+                        help="comma-separated input-attribution methods, each against Captum ('' for none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="also write every JSON object to this file")
     parser.add_argument("--note", help="free text stored with the results (machine, load, caveats)")
@@ -125,6 +139,64 @@ def make_runners(model: torch.nn.Module, classes: list[int], impls: list[str]) -
     return runners
 
 
+def _captum_call(name: str, model: torch.nn.Module, x: torch.Tensor, classes: list[int], seed: int) -> torch.Tensor:
+    """Captum's own call for attribution method ``name`` with medxai's default settings: ``(B, C, H, W)``."""
+    from captum._utils.models.linear_model import SkLearnRidge
+    from captum.attr import GradientShap, IntegratedGradients, KernelShap, Lime, Occlusion
+
+    from medxai.explain._attribution import reference_images, superpixels
+
+    targets = torch.tensor(classes, device=x.device)
+    if name == "integratedgradients":
+        return IntegratedGradients(model).attribute(x, baselines=torch.zeros_like(x), target=targets, n_steps=32,
+                                                    internal_batch_size=max(64, x.shape[0]))
+    if name == "occlusion":
+        window = max(1, round(x.shape[-1] / 8))
+        stride = max(1, window // 2)
+        return Occlusion(model).attribute(x, sliding_window_shapes=(x.shape[1], window, window),
+                                          strides=(x.shape[1], stride, stride), baselines=0.0, target=targets,
+                                          perturbations_per_eval=max(1, 64 // x.shape[0]))
+    per_image = []
+    for index, image in enumerate(x.split(1)):
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        if name == "gradientshap":
+            references = torch.cat([torch.zeros_like(image), reference_images(image, "blur")])
+            per_image.append(GradientShap(model).attribute(image, baselines=references, n_samples=32,
+                                                           target=classes[index]))
+        else:
+            explainer = Lime(model, interpretable_model=SkLearnRidge(alpha=1.0)) if name == "lime" else KernelShap(
+                model)
+            segments = superpixels(image[0], 50, 0.1)
+            per_image.append(explainer.attribute(image, baselines=0.0, feature_mask=segments[None, None],
+                                                 n_samples=256, perturbations_per_eval=64, target=classes[index]))
+    return torch.cat(per_image)
+
+
+def make_attribution_runners(model: torch.nn.Module, classes: list[int], methods: list[str],
+                             seed: int) -> dict[str, Callable]:
+    """``medxai-<method>`` and ``captum-<method>`` callables: batch -> (B, H, W) NumPy maps in [0, 1] on the host."""
+    from medxai.explain import get_cam_method
+    from medxai.explain._attribution import pixel_map
+
+    unknown = sorted(set(methods) - set(ATTRIBUTION_METHODS))
+    if unknown:
+        raise SystemExit(f"unknown attribution method(s) {unknown}; choose from {ATTRIBUTION_METHODS}")
+    runners: dict[str, Callable] = {}
+    for name in methods:
+        method = get_cam_method(name)(model, seed=seed)
+        runners[f"medxai-{name}"] = lambda x, method=method: method(x, target=classes).maps.cpu().numpy()
+        if name == "rise":
+            continue  # not in Captum
+
+        def run_captum(x: torch.Tensor, name: str = name, method=method) -> np.ndarray:
+            attributions = _captum_call(name, model, x, classes, seed).detach()
+            return _minmax(pixel_map(attributions, method.channels, method.sign)).cpu().numpy()
+
+        runners[f"captum-{name}"] = run_captum
+    return runners
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads:
@@ -139,12 +211,16 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         classes = model(x).argmax(1).tolist()  # the same targets for every implementation
     impls = [name.strip() for name in args.impls.split(",") if name.strip()]
+    attribution = [name.strip() for name in args.attribution.split(",") if name.strip()]
     runners = make_runners(model, classes, impls)
+    runners.update(make_attribution_runners(model, classes, attribution, args.seed))
 
     outputs = {name: runner(x) for name, runner in runners.items()}  # also the first warm-up call
     reference = outputs.get("medxai")
     agreement = {name: float(np.abs(maps - reference).max()) for name, maps in outputs.items()
-                 if reference is not None and name != "medxai"}
+                 if reference is not None and name in IMPLEMENTATIONS and name != "medxai"}
+    agreement.update({f"captum-{name}": float(np.abs(outputs[f"captum-{name}"] - outputs[f"medxai-{name}"]).max())
+                      for name in attribution if f"captum-{name}" in outputs})
     for _ in range(max(0, args.warmup - 1)):
         for runner in runners.values():
             runner(x)
@@ -189,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
         "iters": args.iters,
         "rounds": args.rounds,
         "max_abs_diff_vs_medxai": {name: round(value, 8) for name, value in agreement.items()},
+        "attribution_speedup_vs_captum": {
+            name: round(rate[f"medxai-{name}"] / rate[f"captum-{name}"], 2)
+            for name in attribution if f"captum-{name}" in rate
+        },
         "torch": torch.__version__,
         "cpu_count": os.cpu_count(),
         "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,

@@ -22,6 +22,7 @@ from torch import nn
 from medxai.classifier import Classifier
 from medxai.config import PreprocessConfig
 from medxai.explain import (
+    BaseCAM,
     CAM_METHODS,
     ClassTarget,
     DecisionTarget,
@@ -158,8 +159,12 @@ K = 10.0  # z_1 - z_0 = K (2 mean(x) - 1)
 SIZE = 8
 BRIGHTNESS = np.linspace(0.01, 0.97, 49)  # steps of 0.02 that skip 0.5: no tie at the argmax
 THRESHOLDS = [0.05, 0.11, 0.9, 0.97, None]
-METHODS = sorted(CAM_METHODS)
+# The input-attribution methods share one target path (medxai.explain._attribution.InputAttribution): a gradient one
+# and a perturbation one stand for all six here; tests/test_attribution_methods.py runs every one of them with a
+# decision target on a smaller batch.
+METHODS = sorted(name for name, method in CAM_METHODS.items() if issubclass(method, BaseCAM))
 assert METHODS == ["gradcam", "gradcamplusplus", "hirescam", "layercam", "scorecam", "xgradcam"]
+METHODS += ["integratedgradients", "occlusion"]
 
 
 class BrightnessNet(nn.Module):

@@ -35,6 +35,7 @@ from medxai.explain import (
     GradCAM,
     GradCAMPlusPlus,
     HiResCAM,
+    InputAttribution,
     LayerCAM,
     ScoreCAM,
     SoftmaxProbabilityTarget,
@@ -519,10 +520,11 @@ def test_model_and_grad_mode_untouched(method) -> None:
 
 
 def test_registry_and_names() -> None:
-    assert set(CAM_METHODS) == {"gradcam", "gradcamplusplus", "hirescam", "layercam", "xgradcam", "scorecam"}
+    assert set(CAM_METHODS) == {"gradcam", "gradcamplusplus", "hirescam", "layercam", "xgradcam", "scorecam",
+                                "integratedgradients", "gradientshap", "occlusion", "rise", "lime", "kernelshap"}
     assert get_cam_method("Grad-CAM++") is GradCAMPlusPlus and get_cam_method("Score-CAM") is ScoreCAM
     assert get_cam_method("XGrad_CAM") is XGradCAM and get_cam_method("HiResCAM") is HiResCAM
-    assert all(issubclass(cls, BaseCAM) for cls in CAM_METHODS.values())
+    assert all(issubclass(cls, (BaseCAM, InputAttribution)) for cls in CAM_METHODS.values())
     with pytest.raises(ConfigError, match="scorecam"):
         get_cam_method("eigencam")
     with pytest.raises(ConfigError, match="batch_size"):

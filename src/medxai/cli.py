@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("run", help="run folder")
     explain.add_argument("images", nargs="+", help="image files or folders")
     explain.add_argument("--out", required=True, help="output folder for overlays")
-    explain.add_argument("--method", help="CAM method (default: gradcam)")
+    explain.add_argument("--method", help="heatmap method (default: gradcam): a CAM, or integrated_gradients, "
+                         "gradientshap, occlusion, rise, lime, kernelshap")
     explain.add_argument("--layer", action="append",
                          help="module name(s) to explain at (default: the model's CAM layer)")
     explain.add_argument("--target", help="class name or index to explain (default: the label the model reports)")
@@ -159,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     explain_eval.add_argument("run", help="run folder")
     explain_eval.add_argument("--data", required=True, help="image folder, CSV manifest, .npz or MedMNIST name")
     explain_eval.add_argument("--split", choices=("train", "val", "test", "all"), help="default: test")
-    explain_eval.add_argument("--methods", help="comma-separated CAM methods (default: gradcam; e.g. gradcam,scorecam)")
+    explain_eval.add_argument("--methods", help="comma-separated heatmap methods (default: gradcam; e.g. "
+                              "gradcam,scorecam,integrated_gradients,rise)")
     explain_eval.add_argument("--max-images", type=int,
                               help="evaluate a seeded random subset of at most this many images (default 200)")
     explain_eval.add_argument("--steps", type=int, help="deletion/insertion steps (default 20)")

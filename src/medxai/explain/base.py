@@ -46,6 +46,7 @@ __all__ = [
     "BaseCAM",
     "CAMContext",
     "CAMResult",
+    "checked_call",
     "normalize_per_sample",
     "upsample_maps",
     "weighted_channel_sum",
@@ -146,6 +147,26 @@ def normalize_per_sample(maps: Tensor) -> Tensor:
     normalised = (flat - low) / torch.where(flat_map, torch.ones_like(span), span)
     normalised = torch.where(flat_map, torch.zeros_like(normalised), normalised).clamp_(0.0, 1.0)
     return normalised.reshape(maps.shape)
+
+
+def checked_call(method: object, inputs: Tensor, target: TargetLike) -> Callable[[Tensor], Tensor]:
+    """What every heatmap method (an object with a ``model``) checks before it explains: a 2D or 3D
+    ``(B, C, *spatial)`` batch, a target it can resolve (returned as a callable), and, once per method object, a
+    warning for a model in training mode.
+
+    Raises:
+        ValueError: ``inputs`` is not a 4D or 5D tensor.
+        ConfigError: a bad target.
+    """
+    if not isinstance(inputs, Tensor) or inputs.ndim not in (4, 5):
+        shape = tuple(inputs.shape) if isinstance(inputs, Tensor) else type(inputs).__name__
+        raise ValueError(f"expected a (B, C, H, W) or (B, C, D, H, W) tensor, got {shape}")
+    target_fn = as_target(target)
+    if method.model.training and not getattr(method, "_warned_training_mode", False):  # type: ignore[attr-defined]
+        logger.warning("explaining a model in training mode: BatchNorm and dropout make maps batch-dependent; "
+                       "call model.eval() first")
+        method._warned_training_mode = True  # type: ignore[attr-defined]
+    return target_fn
 
 
 def _model_device(model: nn.Module, fallback: torch.device) -> torch.device:
@@ -285,14 +306,7 @@ class BaseCAM:
             ConfigError: a bad target, or a target layer that does not give a ``(B, C, *spatial)`` feature map.
             ModelError: the model does not return a logits tensor.
         """
-        if not isinstance(inputs, Tensor) or inputs.ndim not in (4, 5):
-            shape = tuple(inputs.shape) if isinstance(inputs, Tensor) else type(inputs).__name__
-            raise ValueError(f"expected a (B, C, H, W) or (B, C, D, H, W) tensor, got {shape}")
-        target_fn = as_target(target)
-        if self.model.training and not self._warned_training_mode:
-            logger.warning("explaining a model in training mode: BatchNorm and dropout make maps batch-dependent; "
-                           "call model.eval() first")
-            self._warned_training_mode = True
+        target_fn = checked_call(self, inputs, target)
 
         # inference_mode(False) and enable_grad: CAM needs a graph even when the caller runs under no_grad.
         with torch.inference_mode(False), torch.enable_grad():
