@@ -259,6 +259,8 @@ def _render_page(files: _RunFiles, images: _ImageEncoder) -> str:
         ("evaluations", "Evaluations", _evaluations_section),
         ("gallery", "Grad-CAM gallery", _gallery_section),
         ("explanations", "Explanation quality", _explanations_section),
+        ("localization", "Does the heatmap point at the lesion?", _localization_section),
+        ("shortcut", "Shortcut alarm", _shortcut_section),
         ("model-card", "Model card", _model_card_section),
     ]
     body = []
@@ -836,6 +838,127 @@ def _explain_metrics_table(path: Path, document: Mapping[str, Any], run_dir: Pat
     return header + _table(["method", *(title for _, title in keys), "sanity check (Adebayo et al. 2018)", "seconds"],
                            rows, cls="metrics", raw=True,
                            caption="Explanation quality (✓: better than a random heatmap)")
+
+
+_LOCALIZATION_COLUMNS = (
+    ("pointing_game", "pointing game"), ("energy_pointing_game", "energy pointing game"),
+    ("iou_otsu", "IoU at Otsu"), ("iou_top10", "IoU top 10 %"), ("iou_value", "IoU at val. threshold"),
+    ("iobb_hit_0.1", "IoBB > 0.1"), ("iobb_hit_0.5", "IoBB > 0.5"), ("pixel_auroc", "pixel AUROC"),
+    ("pixel_auprc", "pixel AUPRC"),
+)
+
+
+def _localization_section(files: _RunFiles, images: _ImageEncoder) -> str:
+    """Each explain-eval document with ground truth: the localisation table by method and outcome, the classes, the
+    maps of images without a lesion, and the best and worst cases with the expert's outline."""
+    parts = []
+    for path, document in files.explain_metrics:
+        facts = document.get("localization")
+        if not isinstance(facts, dict):
+            continue
+        where = path.relative_to(files.run_dir) if path.is_relative_to(files.run_dir) else path
+        thresholds = ("per-class thresholds chosen on the validation split" if facts.get("thresholds_from")
+                      else "no validation masks, so no per-class threshold")
+        parts.append(
+            f"<p>From <code>{_e(str(where))}</code>: {_count(facts.get('lesion_images'))} images of "
+            f"{_e(str(document.get('split', '?')))} with an expert lesion outline or box, "
+            f"{_count(facts.get('empty_mask_images'))} without a lesion (reported apart); CAM layer "
+            f"<code>{_e(str(facts.get('layer')))}</code>; {thresholds}. Each map is placed on the original image as "
+            "its overlay is, and compared there with the mask. Pointing game (Zhang et al. 2018, 15 px scaled to the "
+            "image): the map's peak lies on the lesion; energy pointing game (Wang et al. 2020): the share of the "
+            "map inside the lesion's box; IoBB (Wang et al. 2017): the detected box's overlap. Means with 95% "
+            "bootstrap intervals.</p>")
+        rows, class_rows, empty_rows = [], [], []
+        for method, entry in (document.get("methods") or {}).items():
+            localization = entry.get("localization") if isinstance(entry, dict) else None
+            if not isinstance(localization, dict):
+                continue
+            for outcome in ("correct", "wrong", "all"):
+                values = (localization.get("lesion") or {}).get(outcome)
+                if values:
+                    n = (values.get("pointing_game") or {}).get("n", 0)
+                    rows.append([_e(method), f"{_e(outcome)} ({n})",
+                                 *(_metric_interval(values.get(key)) for key, _ in _LOCALIZATION_COLUMNS)])
+            for name, values in (localization.get("by_class") or {}).items():
+                class_rows.append([_e(method), _e(name), *(_metric_interval(values.get(key)) for key in
+                                                         ("pointing_game", "energy_pointing_game", "iou_otsu"))])
+            empty = localization.get("empty_mask") or {}
+            if empty:
+                empty_rows.append([_e(method), *(_metric_interval(empty.get(key)) for key in
+                                                 ("peak", "area_above_otsu", "border_energy"))])
+        if rows:
+            parts.append(_table(["method", "images", *(title for _, title in _LOCALIZATION_COLUMNS)], rows,
+                                cls="metrics", raw=True, caption="Localisation of correctly and wrongly classified "
+                                                                 "lesion images"))
+        if class_rows:
+            parts.append(_table(["method", "class", "pointing game", "energy pointing game", "IoU at Otsu"],
+                                class_rows, cls="metrics", raw=True, caption="By class (all lesion images)"))
+        if empty_rows:
+            parts.append(_table(["method", "peak", "share of the image above Otsu", "share of the map in the border"],
+                                empty_rows, cls="metrics", raw=True,
+                                caption="Images without a lesion: where the map puts its mass"))
+        parts.extend(_localization_cases(path, document, images))
+    if not parts:
+        return _note("No localisation was measured: give <code>medxai explain-eval</code> data with lesion masks or "
+                     "boxes (BUSI-style <code>_mask.png</code> files, a <code>mask</code> column, box columns, or "
+                     "<code>--masks</code>).")
+    return "\n".join(parts)
+
+
+def _localization_cases(path: Path, document: Mapping[str, Any], images: _ImageEncoder) -> list[str]:
+    figures = []
+    for method, entry in (document.get("methods") or {}).items():
+        for case in ((entry.get("localization") or {}).get("cases") or []) if isinstance(entry, dict) else []:
+            caption = (f"{method}: {case.get('kind')} #{case.get('rank')} ({case.get('class')}, energy pointing game "
+                       f"{_number(case.get('energy_pointing_game'), 2)}); green: the expert's outline")
+            figures.append(_figure(path.parent / "localization" / str(case.get("file", "")), images, caption))
+    return figures
+
+
+def _shortcut_section(files: _RunFiles, images: _ImageEncoder) -> str:
+    """The shortcut alarm of each explain-eval document: a warning with the worst examples where it fires."""
+    parts = []
+    for path, document in files.explain_metrics:
+        for method, entry in (document.get("methods") or {}).items():
+            verdict = entry.get("shortcut_alarm") if isinstance(entry, dict) else None
+            if not isinstance(verdict, dict):
+                continue
+            regions = verdict.get("regions") or {}
+            cells = [[_e(region), "<strong>fires</strong>" if result.get("fires") else "quiet",
+                      _number(result.get("flagged_fraction"), 2), _number(result.get("median_energy_share"), 2),
+                      _number(result.get("median_area_share"), 2)]
+                     for region, result in regions.items() if isinstance(result, dict)]
+            if verdict.get("fires"):
+                fired = ", ".join(region for region, result in regions.items() if result.get("fires"))
+                parts.append(f'<p class="warning"><strong>{_e(method)}: the evidence of correctly classified images '
+                             f"sits on {_e(fired)}.</strong> The model may have learnt a shortcut (burnt-in text, a "
+                             "marker, the field of view) rather than the disease; check the examples below.</p>")
+            else:
+                parts.append(f"<p>{_e(method)}: quiet on {_count(verdict.get('n_images'))} correctly classified "
+                             f"images of {_e(str(document.get('split', '?')))}.</p>")
+            parts.append(_table(["region", "verdict", "images flagged", "median share of the map",
+                                 "median share of the image"], cells, cls="metrics", raw=True))
+            for region, result in regions.items():
+                for file in result.get("worst_examples") or [] if isinstance(result, dict) else []:
+                    parts.append(_figure(path.parent / "shortcut" / str(file), images,
+                                         f"{method}: evidence on {region}"))
+    if not parts:
+        return _note("The shortcut alarm has not run (run <code>medxai explain-eval</code>).")
+    return ("<p>Share of each map's energy on the image border, on burnt-in text or markers, and outside the body, "
+            "for correctly classified images. An image is flagged when at least half its evidence lies in a region "
+            "and the evidence is twice as dense there as a uniform map's; a region fires when a quarter of the "
+            "images (or half of one class) are flagged.</p>" + "\n".join(parts))
+
+
+def _metric_interval(value: Any) -> str:
+    """"0.812 <small>[0.70, 0.90]</small>" from a ``{"mean", "n", "interval"}`` summary."""
+    if not isinstance(value, dict) or value.get("mean") is None:
+        return "–"
+    interval = value.get("interval")
+    text = _number(value["mean"], 3)
+    if _is_interval(interval):
+        text += f" <small>[{interval[0]:.2f}, {interval[1]:.2f}]</small>"
+    return text
 
 
 def _model_card_section(files: _RunFiles, images: _ImageEncoder) -> str:
