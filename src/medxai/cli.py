@@ -172,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "images, or a CSV (image column with mask paths or x0,y0,x1,y1 / x,y,w,h boxes; "
                                    "NIH's BBox_List_2017.csv as shipped)")
     explain_eval.add_argument("--layer", help="CAM layer(s), comma-separated to fuse several (default: the run's own)")
+    explain_eval.add_argument("--no-faithfulness", dest="faithfulness", action="store_false", default=None,
+                              help="skip deletion/insertion/ROAD and the sanity check: localisation and the shortcut "
+                                   "alarm only")
     explain_eval.add_argument("--name", help="evaluation folder name for data other than the run's own")
     explain_eval.add_argument("--label-map", action="append", metavar="DATA=MODEL", help=_LABEL_MAP_HELP)
     explain_eval.add_argument("--split-folders", help=_SPLIT_FOLDERS_HELP)
@@ -604,7 +607,8 @@ def _run_explain_eval(arguments: argparse.Namespace) -> int:
     layers = [name.strip() for name in arguments.layer.split(",") if name.strip()] if arguments.layer else None
     settings = with_values(ExplainEvalConfig(), methods=methods, max_images=arguments.max_images,
                            steps=arguments.steps, baseline=arguments.baseline, seed=arguments.seed,
-                           layer=layers[0] if layers and len(layers) == 1 else layers)
+                           layer=layers[0] if layers and len(layers) == 1 else layers,
+                           faithfulness=arguments.faithfulness)
     options = {"split": arguments.split} if arguments.split else {}
     document = evaluate_explanations(
         arguments.run, arguments.data, **options, settings=settings, name=arguments.name,
@@ -620,6 +624,8 @@ def _run_explain_eval(arguments: argparse.Namespace) -> int:
                    "ROAD LeRF (higher)", "sanity check", "seconds"):
         table.add_column(column, justify="left" if column == "method" else "right")
     for name, entry in document["methods"].items():
+        if "random_baseline" not in entry:
+            continue
         chance = entry["random_baseline"]
         cells = [f"{entry[key]:.4f} ({chance[key]:.4f})" for key in ("deletion_auc", "insertion_auc", "road_morf",
                                                                      "road_lerf")]

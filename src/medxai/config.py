@@ -271,6 +271,9 @@ class ExplainEvalConfig:
     seed: int = 0  # image subset, random heatmaps, ROAD noise, re-initialisation order
     batch_size: int = 64  # images per forward pass
     sanity_images: int = 32  # images in the model-randomisation sanity check
+    # Deletion/insertion/ROAD against random maps and the sanity check; False measures localisation against masks
+    # and the shortcut alarm alone (a quick look, e.g. to choose a layer on validation).
+    faithfulness: bool = True
     # The layer(s) the CAM methods explain (a module name or a list, whose normalised maps are averaged); None uses
     # the run's own CAM layer (model_card.json's cam_layer). Input-attribution methods ignore it.
     layer: str | list[str] | None = None

@@ -176,51 +176,57 @@ def evaluate_explanations(
     classes_by_method: dict[str, Tensor] = {}
     random_metrics: dict[str, Tensor] | None = None
     random_classes: Tensor | None = None
-    # Three stages per method (maps, deletion/insertion/ROAD, sanity check): a bar with rate and ETA over them all.
-    progress = tqdm(total=3 * len(method_classes), desc="explain-eval", unit="stage", disable=None)
+    # Four stages per method (maps, deletion/insertion/ROAD, sanity check, localisation): a bar with rate and ETA.
+    progress = tqdm(total=4 * len(method_classes), desc="explain-eval", unit="stage", disable=None)
     for method_name, method in method_classes.items():
         progress.set_postfix_str(method_name)
         started = time.perf_counter()
         maps, classes = _maps(method, model, layer, images, classifier, batch_size)
         maps_by_method[method_name], classes_by_method[method_name] = maps, classes
         progress.update()
-        options = dict(steps=steps, baseline=baseline, batch_size=batch_size, score_fn=calibrated_probability,
-                       seed=seed)
-        if random_metrics is None or not torch.equal(classes, random_classes):
-            # Random heatmaps explain the same classes of the same images for every method: computed once, and
-            # their time is reported apart from the methods'.
-            random_started = time.perf_counter()
-            random_maps = random_saliency(maps.shape, seed=seed, device=maps.device)
-            random_metrics = faithfulness_metrics(model, images, random_maps, classes, **options)
-            random_classes = classes
-            random_seconds = time.perf_counter() - random_started
-            document["random_baseline_seconds"] = round(document.get("random_baseline_seconds", 0.0)
-                                                        + random_seconds, 2)
-            started += random_seconds
-        summary = FaithfulnessSummary(faithfulness_metrics(model, images, maps, classes, **options), random_metrics)
-        progress.update()
-        method_means, random_means = summary.means()
-        sanity_count = min(sanity_images, len(prepared))
-        sanity = model_randomisation_check(
-            method, model, images[:sanity_count], ClassTarget(classes[:sanity_count]),
-            target_layers=layer, seed=seed,
-        )
-        progress.update()
-        entry = {key: round(method_means[key], 6) for key in _METRIC_KEYS}
-        entry["random_baseline"] = {key: round(random_means[key], 6) for key in _METRIC_KEYS}
-        entry["beats_random"] = summary.beats_random()
-        entry["sanity_check"] = sanity.to_dict()
+        entry: dict[str, Any] = {}
+        if settings.faithfulness:
+            options = dict(steps=steps, baseline=baseline, batch_size=batch_size, score_fn=calibrated_probability,
+                           seed=seed)
+            if random_metrics is None or not torch.equal(classes, random_classes):
+                # Random heatmaps explain the same classes of the same images for every method: computed once, and
+                # their time is reported apart from the methods'.
+                random_started = time.perf_counter()
+                random_maps = random_saliency(maps.shape, seed=seed, device=maps.device)
+                random_metrics = faithfulness_metrics(model, images, random_maps, classes, **options)
+                random_classes = classes
+                random_seconds = time.perf_counter() - random_started
+                document["random_baseline_seconds"] = round(document.get("random_baseline_seconds", 0.0)
+                                                            + random_seconds, 2)
+                started += random_seconds
+            summary = FaithfulnessSummary(faithfulness_metrics(model, images, maps, classes, **options),
+                                          random_metrics)
+            progress.update()
+            method_means, random_means = summary.means()
+            sanity_count = min(sanity_images, len(prepared))
+            sanity = model_randomisation_check(
+                method, model, images[:sanity_count], ClassTarget(classes[:sanity_count]),
+                target_layers=layer, seed=seed,
+            )
+            progress.update()
+            entry = {key: round(method_means[key], 6) for key in _METRIC_KEYS}
+            entry["random_baseline"] = {key: round(random_means[key], 6) for key in _METRIC_KEYS}
+            entry["beats_random"] = summary.beats_random()
+            entry["sanity_check"] = sanity.to_dict()
+            logger.info("%s: deletion %.4f (random %.4f), insertion %.4f (random %.4f), sanity %s", method_name,
+                        entry["deletion_auc"], random_means["deletion_auc"], entry["insertion_auc"],
+                        random_means["insertion_auc"], "passed" if sanity.passed else "FAILED")
+        else:
+            progress.update(2)
         if truths:
             entry["localization"], rows = _localization(
                 method_name, method, maps, classes, truths, prepared, validation, classifier, layer, batch_size,
                 out, source, records,
             )
             localization_table.extend(rows)
+        progress.update()
         entry["seconds"] = round(time.perf_counter() - started, 2)
         document["methods"][method_name] = entry
-        logger.info("%s: deletion %.4f (random %.4f), insertion %.4f (random %.4f), sanity %s, %.0f s", method_name,
-                    entry["deletion_auc"], random_means["deletion_auc"], entry["insertion_auc"],
-                    random_means["insertion_auc"], "passed" if sanity.passed else "FAILED", entry["seconds"])
     progress.close()
     records_by_id = {record.id: record for record in records}
     verdicts = shortcut_verdicts(out.shortcut_dir, source, records_by_id, prepared, maps_by_method,
