@@ -1,6 +1,7 @@
 """Data: readers that decode files (image, DICOM, NIfTI, with size limits), sources that list and load labelled
 images, and the preprocessing, splits and checks between them and the model."""
 
+from medxai.data.ground_truth import GroundTruth, LesionBox, prepare_masks, read_ground_truth
 from medxai.data.readers import is_hidden_or_system, probe_image, read_image, read_image_with_info
 from medxai.data.sources import (
     ImageFolderSource,
@@ -27,6 +28,10 @@ __all__ = [
     "read_image_with_info",
     "probe_image",
     "is_hidden_or_system",
+    "LesionBox",
+    "GroundTruth",
+    "read_ground_truth",
+    "prepare_masks",
     "carve_splits",
     "resolve_splits",
 ]

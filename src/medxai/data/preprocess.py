@@ -61,6 +61,22 @@ class Preprocessor:
         tensor = _denoise(tensor, self.config)
         return tensor.clamp_(0.0, 1.0).contiguous(), box
 
+    def prepare_mask(self, mask: np.ndarray) -> torch.Tensor:
+        """A ground-truth mask at its image's original size to an ``(S, S)`` float32 tensor in ``[0, 1]``, placed
+        exactly where :meth:`prepare` places the image: the same resize (stretch, or pad with the same
+        :class:`ContentBox`) with the same antialiased bilinear filter, so a border pixel holds the fraction of it
+        the lesion covers; padding is 0 (no lesion). Denoising is not applied: it does not move the image.
+
+        Args:
+            mask: bool or numeric (H, W) array, the size of the image it belongs to.
+        """
+        values = np.asarray(mask)
+        if values.ndim != 2:
+            raise ValueError(f"a mask must be 2D (H, W), got shape {values.shape}")
+        tensor = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).unsqueeze(0)
+        tensor, _ = _resize(tensor, self.config.size, self.config.resize_mode)
+        return tensor.squeeze(0).clamp_(0.0, 1.0).contiguous()
+
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         """Apply mean/std normalisation to a ``(B, C, H, W)`` batch on whatever device it is."""
         if self.config.normalize == "none":

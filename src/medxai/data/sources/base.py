@@ -14,6 +14,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from medxai.data.ground_truth import LesionBox
 from medxai.data.readers import read_image_with_info
 from medxai.errors import ConfigError, DataError, InvalidImageError
 
@@ -77,6 +78,9 @@ class Record:
         patient_id: the patient (or other grouping unit) the image belongs to, when known; splits never separate
             the images of one patient.
         split: the split the source itself assigns this record to (``train``, ``val`` or ``test``), if any.
+        masks: absolute paths of the image's lesion mask files, unioned (see :mod:`medxai.data.ground_truth`);
+            empty when there are none.
+        boxes: the image's lesion boxes in original-image pixels; empty when there are none.
     """
 
     id: str
@@ -85,6 +89,8 @@ class Record:
     index: int | None = None
     patient_id: str | None = None
     split: str | None = None
+    masks: tuple[str, ...] = ()
+    boxes: tuple[LesionBox, ...] = ()
 
 
 @runtime_checkable
