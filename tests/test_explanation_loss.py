@@ -9,7 +9,14 @@ import pytest
 import torch
 from torch import nn
 
+from medxai.config import AugmentConfig, PreprocessConfig
+from medxai.data.augment import BatchAugmenter
+from medxai.data.prepared import PreparedSplit
+from medxai.data.preprocess import Preprocessor
 from medxai.errors import ConfigError
+from medxai.explain import GradCAM
+from medxai.models import create_model
+from medxai.train.loop import BatchContext, model_input, place_model, recalibrate_batchnorm, train_one_epoch
 from medxai.train.explanation_loss import (
     ExplanationLoss,
     build_explanation_loss,
@@ -117,3 +124,73 @@ def test_no_counted_image_costs_nothing_and_off_builds_nothing():
         build_explanation_loss("gain", 1.0, "layer")
     with pytest.raises(ConfigError, match="explanation_weight must be > 0"):
         build_explanation_loss("cam", 0.0, "layer")
+
+
+# --- The toy set: a corner marker decides the class; the mask marks the centre object, which predicts it too. ---
+
+_SIDE = 16
+
+
+def _marker_toy(count: int, seed: int, *, swap_marker: bool = False) -> PreparedSplit:
+    """Noise, a centre object brighter for class 1 (0.6) than class 0 (0.5), inside the mask, and a saturated 3x3
+    marker in the top-left corner on class 1 images only (``swap_marker``: on class 0 images only)."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(count) % 2
+    images = torch.rand(count, 1, _SIDE, _SIDE, generator=generator) * 0.2
+    masks = torch.zeros(count, _SIDE, _SIDE)
+    masks[:, 5:11, 5:11] = 1.0
+    images[:, 0] += masks * torch.where(labels == 1, 0.6, 0.5).view(-1, 1, 1)
+    marked = (1 - labels if swap_marker else labels).bool()
+    images[marked, 0, 0:3, 0:3] = 1.0
+    return PreparedSplit(images.clamp(0, 1), labels, [f"toy/{i}" for i in range(count)], [None] * count,
+                         masks=masks, has_mask=torch.ones(count, dtype=torch.bool))
+
+
+def _train_toy(kind: str, weight: float, seed: int) -> dict[str, float]:
+    """simple_cnn trained 8 short epochs through the real loop (geometric augmentation moving the masks,
+    channels-last), then: accuracy on clean and marker-swapped test images, and the share of the Grad-CAM map
+    (class of the label, the model's CAM layer) inside the object's mask."""
+    torch.manual_seed(seed)
+    model = create_model("simple_cnn", 2, 1, input_size=_SIDE, dropout=0.0)
+    preprocess = PreprocessConfig(size=_SIDE, normalize="fixed", mean=[0.3], std=[0.3])
+    context = BatchContext(Preprocessor(preprocess), torch.device("cpu"), 32, amp=False, channels_last=True)
+    place_model(model, context)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    augmenter = BatchAugmenter(AugmentConfig(rotation_degrees=5, scale=(1.0, 1.0), translate=0.0, contrast=0.0))
+    explanation = build_explanation_loss(kind, weight, model.cam_layer)
+    train = _marker_toy(96, seed)
+    for epoch in range(8):
+        train_one_epoch(model, train, context, optimizer=optimizer, scheduler=scheduler,
+                        loss_fn=nn.CrossEntropyLoss(), augmenter=augmenter,
+                        generator=torch.Generator().manual_seed(seed * 100 + epoch), explanation=explanation)
+    recalibrate_batchnorm(model, train, context, len(train), torch.Generator().manual_seed(seed))
+    model.eval()
+    test, swapped = _marker_toy(64, 1000 + seed), _marker_toy(64, 2000 + seed, swap_marker=True)
+    everything = torch.arange(64)
+    with torch.no_grad():
+        accuracy = {name: (model(model_input(split.images.codes(everything), context)).argmax(1) == split.labels)
+                    .float().mean().item() for name, split in (("clean", test), ("swapped", swapped))}
+    maps = GradCAM(model)(model_input(test.images.codes(everything), context), target=test.labels).maps
+    masks = test.masks.float() / 255
+    inside = ((maps * masks).flatten(1).sum(1) / maps.flatten(1).sum(1).clamp_min(1e-8)).mean().item()
+    return {**accuracy, "inside": inside}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_cam_loss_moves_the_map_to_the_object(seed: int):
+    plain = _train_toy("none", 0.0, seed)
+    guided = _train_toy("cam", 1.0, seed)
+    # The toy does what it is for: the plain model follows the marker (swapping it flips every answer).
+    assert plain["clean"] >= 0.95 and plain["swapped"] <= 0.1
+    # Measured on seeds 0-2: map share inside the object 0.24-0.25 plain, 0.52 guided; accuracy kept.
+    assert guided["inside"] >= plain["inside"] + 0.15
+    assert guided["clean"] >= 0.95
+
+
+@pytest.mark.xfail(strict=True, reason="known limitation: on this toy and in this budget the CAM share is met by "
+                   "moving the coarse map alone, not the model (swapped accuracy stays ~0); input_gradients at weight "
+                   "300-3000 measured no better (gradients flattened everywhere: gradient masking). The sanity check "
+                   "and deletion/insertion must judge any guided run")
+def test_guided_model_follows_the_object_when_the_marker_is_swapped():
+    assert _train_toy("cam", 1.0, seed=0)["swapped"] >= 0.8

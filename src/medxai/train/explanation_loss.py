@@ -46,6 +46,7 @@ __all__ = [
     "EXPLANATION_LOSSES",
     "ExplanationLoss",
     "build_explanation_loss",
+    "check_explanation_settings",
     "input_gradient_penalty",
     "cam_energy_outside",
     "counted_images",
@@ -161,16 +162,23 @@ class ExplanationLoss:
         return self.weight * penalty
 
 
+def check_explanation_settings(kind: str, weight: float) -> None:
+    """Refuse an unknown ``train.explanation_loss`` or, when it is on, a weight that is not positive.
+
+    Raises:
+        ConfigError: naming the setting and the allowed values.
+    """
+    if kind not in EXPLANATION_LOSSES:
+        raise ConfigError(f"train.explanation_loss must be one of {list(EXPLANATION_LOSSES)}, got {kind!r}")
+    if kind != "none" and not weight > 0:
+        raise ConfigError(f"train.explanation_weight must be > 0 with train.explanation_loss {kind!r}, got {weight}")
+
+
 def build_explanation_loss(kind: str, weight: float, cam_layers: str | Sequence[str]) -> ExplanationLoss | None:
     """The explanation term ``train.explanation_loss`` asks for, or None when it is ``"none"``.
 
     Raises:
-        ConfigError: an unknown kind, or a weight that is not positive.
+        ConfigError: see :func:`check_explanation_settings`.
     """
-    if kind not in EXPLANATION_LOSSES:
-        raise ConfigError(f"train.explanation_loss must be one of {list(EXPLANATION_LOSSES)}, got {kind!r}")
-    if kind == "none":
-        return None
-    if not weight > 0:
-        raise ConfigError(f"train.explanation_weight must be > 0 with train.explanation_loss {kind!r}, got {weight}")
-    return ExplanationLoss(kind, weight, cam_layers)
+    check_explanation_settings(kind, weight)
+    return None if kind == "none" else ExplanationLoss(kind, weight, cam_layers)
