@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from medxai.config import DataConfig
+from medxai.data.ground_truth import ORPHAN_MASK_REASON, read_ground_truth
 from medxai.data.readers import probe_image
 from medxai.data.sources.base import SPLIT_NAMES, Record, Source
 from medxai.errors import InvalidImageError
@@ -464,7 +465,10 @@ def check_data(
         ``splits`` ``{split: {"n", "per_class"}}`` (readable images), ``unreadable`` ``[{"file", "reason",
         "split"}]``, ``source_skipped``, ``duplicates`` ``{"exact", "near", "cross_split", "counts", "method",
         "near_threshold"}``, ``sizes``, ``modes``, ``seconds``. Every listed file is either counted in a split or
-        unreadable.
+        unreadable. Data with masks or boxes adds ``ground_truth``: the source's pairing counts (``paired_by``,
+        ``images_with_masks``, ``images_without_masks``, ``masks_without_image``...), ``with_lesion`` and
+        ``empty_masks`` (masks read at their image's size), ``unusable`` ``[{"image", "file", "reason"}]`` (another
+        size, undecodable), ``masks_without_image_list`` and ``images_without_masks_list``.
     """
     from medxai.data.sources import open_source
 
@@ -481,6 +485,7 @@ def check_data(
     sizes: Counter[str] = Counter()
     modes: Counter[str] = Counter()
     unreadable: list[dict[str, Any]] = []
+    ground_truth = _GroundTruthCheck()
     total = sum(len(records) for records in split_records.values())
     with tqdm(total=total, desc="checking", unit="img", leave=False, disable=None) as progress:
         for split, records in split_records.items():
@@ -492,6 +497,7 @@ def check_data(
                     unreadable.append({"file": record.path or record.id, "reason": error.reason, "split": split})
                     continue
                 image = np.asarray(sample.image)
+                ground_truth.read(record, image.shape)
                 items.append(_Item(record.id, split, record.label))
                 hashes.append(content_hash(image))
                 thumbnails.append(_image_thumbnail(image))
@@ -509,9 +515,49 @@ def check_data(
     result["unreadable"] = unreadable
     result["sizes"] = _size_summary(sizes)
     result["modes"] = dict(modes.most_common())
+    if "masks" in result["layout"]:
+        result["ground_truth"] = ground_truth.report(source, result["layout"]["masks"])
     result["seconds"] = round(time.perf_counter() - started, 2)
     _log_summary(result)
     return result
+
+
+class _GroundTruthCheck:
+    """Reads every listed image's masks at its size as the images are decoded: which fit, which are empty (normal
+    images), which cannot be used (another size, undecodable)."""
+
+    def __init__(self) -> None:
+        self.with_lesion = 0
+        self.empty = 0
+        self.unusable: list[dict[str, str]] = []
+        self.without: list[str] = []
+
+    def read(self, record: Record, image_shape: tuple[int, ...]) -> None:
+        try:
+            truth = read_ground_truth(record, image_shape)
+        except InvalidImageError as error:
+            self.unusable.append({"image": record.id, "file": error.path, "reason": error.reason})
+            return
+        if truth is None:
+            self.without.append(record.id)
+        elif truth.mask.any():
+            self.with_lesion += 1
+        else:
+            self.empty += 1
+
+    def report(self, source: Source, pairing: Mapping[str, Any]) -> dict[str, Any]:
+        """The pairing summary of the source's layout, what reading the masks found, and the lists behind the
+        counts (masks without an image, images without a mask: first ``_MAX_LISTED`` of each)."""
+        orphans = [{"file": file, "reason": reason} for file, reason in getattr(source, "skipped", [])
+                   if reason.startswith(ORPHAN_MASK_REASON)]
+        return {
+            **pairing,
+            "with_lesion": self.with_lesion,
+            "empty_masks": self.empty,
+            "unusable": self.unusable[:_MAX_LISTED],
+            "masks_without_image_list": orphans[:_MAX_LISTED],
+            "images_without_masks_list": sorted(self.without)[:_MAX_LISTED],
+        }
 
 
 def check_prepared(
@@ -767,6 +813,13 @@ def interpretation_lines(source: Source) -> list[str]:
         lines.append("splits: none in the data (training carves val, and test when asked, stratified by class)")
     classes = list(source.label_names)
     lines.append(f"classes ({len(classes)}): " + ", ".join(str(name) for name in classes))
+    masks = layout.get("masks")
+    if masks:
+        lines.append(
+            f"masks: {masks['images_with_masks']} images with masks, {masks['images_without_masks']} without, "
+            f"{masks['masks_without_image']} mask files without an image (skipped); paired by "
+            + (", ".join(masks["paired_by"]) or "nothing")
+        )
     return lines
 
 
@@ -800,6 +853,8 @@ def check_data_table(result: Mapping[str, Any], listed: int = 20) -> list[Any]:
     summary.add_row("image sizes", ", ".join(f"{size} ({n})" for size, n in common_sizes))
     summary.add_row("modes", ", ".join(f"{mode} ({n})" for mode, n in result["modes"].items()))
     tables = [counts, summary]
+    if result.get("ground_truth"):
+        tables.extend(_ground_truth_tables(result["ground_truth"], summary, listed))
 
     if duplicates["cross_split"]:
         leak_table = Table(title=f"cross-split duplicates (first {min(listed, leaks)} of {leaks})",
@@ -817,4 +872,34 @@ def check_data_table(result: Mapping[str, Any], listed: int = 20) -> list[Any]:
         for entry in result["unreadable"][:listed]:
             bad.add_row(entry["file"], entry["reason"])
         tables.append(bad)
+    return tables
+
+
+def _ground_truth_tables(ground_truth: Mapping[str, Any], summary: Any, listed: int) -> list[Any]:
+    """Rows of the checks table on masks, and tables of the masks without an image, the images without a mask and
+    the masks that do not fit their image (first ``listed`` of each)."""
+    from rich.table import Table
+
+    summary.add_row("images with masks (lesion / empty)",
+                    f"{ground_truth['images_with_masks']} ({ground_truth['with_lesion']} / {ground_truth['empty_masks']})")
+    summary.add_row("images with boxes", str(ground_truth["images_with_boxes"]))
+    summary.add_row("images without a mask", str(ground_truth["images_without_masks"]))
+    summary.add_row("mask files without an image", str(ground_truth["masks_without_image"]))
+    summary.add_row("masks unusable (size, decoding)", str(len(ground_truth["unusable"])))
+    tables = []
+    for title, entries, columns in (
+        ("mask files without an image", ground_truth["masks_without_image_list"], ("file", "reason")),
+        ("images without a mask", [{"image": image} for image in ground_truth["images_without_masks_list"]],
+         ("image",)),
+        ("masks that cannot be used", ground_truth["unusable"], ("image", "file", "reason")),
+    ):
+        if not entries:
+            continue
+        table = Table(title=f"{title} (first {min(listed, len(entries))} of {len(entries)})", title_style="yellow",
+                      min_width=60)
+        for column in columns:
+            table.add_column(column, overflow="fold")
+        for entry in entries[:listed]:
+            table.add_row(*(str(entry[column]) for column in columns))
+        tables.append(table)
     return tables

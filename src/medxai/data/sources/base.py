@@ -183,7 +183,8 @@ def load_file_record(record: Record) -> Sample:
 
 
 def fingerprint_file_records(kind: str, label_names: list[str], records: Iterable[Record]) -> str:
-    """Fingerprint a file source by its ids, labels, splits and file sizes.
+    """Fingerprint a file source by its ids, labels, splits and file sizes, and its records' ground truth (mask file
+    names and sizes, boxes) where they have some.
 
     File modification times are left out on purpose: copying a dataset to another machine changes them, and the
     model card's fingerprint should still match the same data there. A same-size edit inside a file goes unnoticed;
@@ -204,8 +205,23 @@ def fingerprint_file_records(kind: str, label_names: list[str], records: Iterabl
             size = os.stat(record.path).st_size if record.path is not None else -1
         except OSError:
             size = -1
-        digest.update(f"{record.id}\t{record.label}\t{record.split}\t{size}\n".encode())
+        ground_truth = f"\t{_ground_truth_identity(record)}" if record.masks or record.boxes else ""
+        digest.update(f"{record.id}\t{record.label}\t{record.split}\t{size}{ground_truth}\n".encode())
     return f"sha256:{digest.hexdigest()}"
+
+
+def _ground_truth_identity(record: Record) -> str:
+    """Mask file names and sizes, and boxes, of a record: what its ground truth adds to the fingerprint (names, not
+    paths, so the data may move). Records without ground truth add nothing, so older fingerprints still match."""
+    masks = []
+    for path in record.masks:
+        try:
+            size = os.stat(path).st_size
+        except OSError:
+            size = -1
+        masks.append(f"{os.path.basename(path)}:{size}")
+    boxes = [f"{box.x0},{box.y0},{box.x1},{box.y1},{box.label}" for box in record.boxes]
+    return "|".join(masks) + "#" + "|".join(boxes)
 
 
 def compile_patient_pattern(pattern: str | None) -> re.Pattern[str] | None:

@@ -7,6 +7,12 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from medxai.data.ground_truth import (
+    MASK_FOLDER_NAMES,
+    ground_truth_summary,
+    mask_folder_mirrors_images,
+    pair_mask_files,
+)
 from medxai.data.readers import is_hidden_or_system, special_file_reason
 from medxai.data.readers.files import FOLDER_REASON, LINKED_FOLDER_REASON
 from medxai.data.sources.base import (
@@ -61,6 +67,12 @@ class ImageFolderSource:
     it is an image is decided from its content by :meth:`load`, which raises
     :class:`~medxai.errors.InvalidImageError` for one that is not.
 
+    Lesion masks are never images of a class: files named ``<image>_mask*`` (``_seg``, ``_label``, ``-mask``...)
+    beside their image, and ``masks/`` or ``segmentations/`` folders mirroring the image names (beside the class
+    folders, inside one, or inside a split folder) become their images' :attr:`Record.masks`, once the data set shows
+    the convention (see :func:`~medxai.data.ground_truth.pair_mask_files`); a mask without its image is listed in
+    :attr:`skipped`, and ``layout["masks"]`` counts the pairs.
+
     Args:
         root: the dataset folder.
         patient_pattern: optional regular expression searched in each file name; group 1 (or the whole match when
@@ -88,8 +100,11 @@ class ImageFolderSource:
         self.description = f"image folder {self.root}"
         self.skipped: list[tuple[str, str]] = []
         self._patient_regex = compile_patient_pattern(patient_pattern)
+        self._mask_folders: list[tuple[Path, Path]] = []  # (mask folder, the folder whose layout it mirrors)
 
-        top_folders = self._top_folders()
+        top_folders = self._set_aside_mask_folders(self.root, self._top_folders())
+        if not top_folders:
+            raise DataError(f"image folder {self.root} has no class folders; {_LAYOUT_HELP}")
         folder_of_split = self._split_folders(split_folders, top_folders)
         class_folders_by_split = self._class_folders(folder_of_split, top_folders)
         all_class_names = {name for folders in class_folders_by_split.values() for name in folders}
@@ -112,6 +127,8 @@ class ImageFolderSource:
             "chosen_by": "data.split_folders" if split_folders is not None else "folder names",
         }
         self._records = self._list_records(class_folders_by_split)
+        if self._pairing.masks_of or self._pairing.orphans:
+            self.layout["masks"] = ground_truth_summary(self._records, self._pairing.rules, self._pairing.orphans)
         log_unmatched_patient_ids(self._patient_regex, self._records)
         logger.info(
             "%s: %d files in %d classes%s, %d entries skipped",
@@ -219,7 +236,7 @@ class ImageFolderSource:
             return {None: {folder.name: folder for folder in top_folders}}
         class_folders_by_split: dict[str | None, dict[str, Path]] = {}
         for split, split_folder in folder_of_split.items():
-            class_folders = self._visible_subfolders(split_folder)
+            class_folders = self._set_aside_mask_folders(split_folder, self._visible_subfolders(split_folder))
             if not class_folders:
                 raise DataError(f"split folder {split_folder} has no class folders; {_LAYOUT_HELP}")
             class_folders_by_split[split] = {folder.name: folder for folder in class_folders}
@@ -240,26 +257,61 @@ class ImageFolderSource:
             self._skip(entry.path, reason)
         return subfolders
 
+    def _set_aside_mask_folders(self, parent: Path, folders: list[Path]) -> list[Path]:
+        """``folders`` without the mask folders among them: those named like one (``masks``, ``segmentations``, any
+        case) whose files are named after images at the mirrored place under ``parent``. A folder so named that
+        mirrors no image stays a class (a data set may have a class called "masks"), with a note."""
+        kept = []
+        for folder in folders:
+            if folder.name.lower() not in MASK_FOLDER_NAMES:
+                kept.append(folder)
+            elif mask_folder_mirrors_images(folder, parent):
+                logger.info("%s: folder %r holds masks of the images it mirrors", self.description, folder.name)
+                self._mask_folders.append((folder, parent))
+            else:
+                logger.info("%s: folder %r names no image's mask: read as a class", self.description, folder.name)
+                kept.append(folder)
+        return kept
+
     def _list_records(self, class_folders_by_split: dict[str | None, dict[str, Path]]) -> list[Record]:
+        """Every image's record with its masks; mask files become their images' ``masks``, orphans are skipped."""
         label_of = {name: index for index, name in enumerate(self.label_names)}
-        records = []
+        where_of: dict[Path, tuple[str | None, int]] = {}
         for split, class_folders in class_folders_by_split.items():
             for class_name, class_folder in class_folders.items():
                 files = self._list_files(class_folder)
                 if not files:
                     raise DataError(f"class folder {class_folder} has no files")
-                records.extend(
-                    Record(
-                        id=file.relative_to(self.root).as_posix(),
-                        label=label_of[class_name],
-                        path=str(file),
-                        patient_id=patient_id_from_file_name(self._patient_regex, file.name),
-                        split=split,
-                    )
-                    for file in files
-                )
+                where_of.update(dict.fromkeys(files, (split, label_of[class_name])))
+        self._pairing = pair_mask_files(list(where_of), self._mask_folder_files())
+        for orphan in self._pairing.orphans:
+            self._skip(*orphan)
+        records = [
+            Record(
+                id=file.relative_to(self.root).as_posix(),
+                label=where_of[file][1],
+                path=str(file),
+                patient_id=patient_id_from_file_name(self._patient_regex, file.name),
+                split=where_of[file][0],
+                masks=self._pairing.masks_of.get(file, ()),
+            )
+            for file in self._pairing.images
+        ]
+        with_images = {where_of[file] for file in self._pairing.images}
+        for split, class_folders in class_folders_by_split.items():
+            for class_name, class_folder in class_folders.items():
+                if (split, label_of[class_name]) not in with_images:
+                    raise DataError(f"class folder {class_folder} has only mask files, no images")
         records.sort(key=lambda record: record.id)
         return records
+
+    def _mask_folder_files(self) -> list[tuple[Path, Path]]:
+        """``(mask file, folder its image should be in)`` for every file of the mask folders found."""
+        pairs = []
+        for mask_folder, parent in self._mask_folders:
+            for file in self._list_files(mask_folder):
+                pairs.append((file, parent / file.parent.relative_to(mask_folder)))
+        return pairs
 
     def _list_files(self, class_folder: Path) -> list[Path]:
         """Every non-hidden regular file under ``class_folder`` at any depth; special entries are listed as skipped."""
@@ -269,6 +321,9 @@ class ImageFolderSource:
                 path = os.path.join(folder, name)
                 if is_hidden_or_system(name):
                     self._skip(path, "hidden or system folder")
+                    subfolder_names.remove(name)
+                elif name.lower() in MASK_FOLDER_NAMES and mask_folder_mirrors_images(Path(path), Path(folder)):
+                    self._mask_folders.append((Path(path), Path(folder)))
                     subfolder_names.remove(name)
                 elif os.path.islink(path):  # os.walk does not descend into it; say so rather than lose it
                     self._skip(path, special_file_reason(path) or LINKED_FOLDER_REASON)

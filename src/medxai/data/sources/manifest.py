@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from medxai.data.ground_truth import BoxColumns, LesionBox, ground_truth_summary, mask_paths
 from medxai.data.sources.base import (
     Sample,
     SPLIT_NAMES,
@@ -27,6 +28,7 @@ __all__ = ["ManifestSource"]
 logger = logging.getLogger(__name__)
 
 _REQUIRED_COLUMNS = ("path", "label")
+_OPTIONAL_COLUMNS = ("path", "label", "patient_id", "split", "mask", "finding")
 
 
 class ManifestSource:
@@ -43,6 +45,12 @@ class ManifestSource:
     unknown (``None``), for files to predict on.
 
     ``split`` values are train, val, valid, validation or test in any case; either every row has one or none does.
+
+    Ground truth for localisation (see :mod:`medxai.data.ground_truth`), optional: a ``mask`` (or ``masks``) column
+    of lesion mask files, several separated by ``|`` and unioned, each absolute or relative to ``root`` like the
+    image paths (an empty cell: no mask); box columns ``x0,y0,x1,y1`` or ``x,y,w,h`` (a ``bbox_`` prefix allowed;
+    see :class:`~medxai.data.ground_truth.BoxColumns`), one box per row, with an optional ``finding`` column naming
+    it. Images with several boxes keep them in a separate file (``--masks``, :func:`~medxai.data.ground_truth.open_ground_truth`).
     Listed files are not opened here: a missing or undecodable one makes :meth:`load` raise
     :class:`~medxai.errors.InvalidImageError` (missing ones are also counted in a logged warning).
 
@@ -55,8 +63,8 @@ class ManifestSource:
 
     Raises:
         DataError: naming the CSV (and the line, where there is one) for a missing or empty file, missing columns,
-            an empty path, a path listed twice, an unknown split value, a label not in ``label_names``, or a split
-            column filled in for some rows only.
+            an empty path, a path listed twice, an unknown split value, a label not in ``label_names``, a split
+            column filled in for some rows only, or box cells that are not four numbers of a box with an area.
         ConfigError: ``patient_pattern`` is not a valid regular expression.
     """
 
@@ -88,6 +96,11 @@ class ManifestSource:
             "splits": {split: "split column" for split in self._official_splits},
             "classes": list(self.label_names),
         }
+        ground_truth_columns = [name for name in ("mask", "box") if name in self._columns]
+        if ground_truth_columns:
+            paired_by = [f"the manifest's {'mask column' if name == 'mask' else 'box columns'}"
+                         for name in ground_truth_columns]
+            self.layout["masks"] = ground_truth_summary(self._records, paired_by)
         self._log_missing_files()
         logger.info(
             "%s: %d rows in %d classes%s",
@@ -146,7 +159,8 @@ class ManifestSource:
             raise self._error("the file is empty; expected a header line 'path,label' and one row per image")
 
         reader = csv.reader(text.splitlines())
-        header = [name.strip().lower() for name in next(reader)]
+        written_header = next(reader)
+        header = [name.strip().lower() for name in written_header]
         missing = [name for name in _REQUIRED_COLUMNS if name not in header]
         if missing:
             raise self._error(
@@ -154,8 +168,11 @@ class ManifestSource:
                 "expected 'path,label' and optionally 'patient_id,split'",
                 line=1,
             )
-        column = {name: header.index(name) for name in ("path", "label", "patient_id", "split") if name in header}
-        self._columns = list(column)
+        column = {name: header.index(name) for name in _OPTIONAL_COLUMNS if name in header}
+        if "masks" in header and "mask" not in header:
+            column["mask"] = header.index("masks")
+        self._box_columns = BoxColumns.find(written_header)
+        self._columns = list(column) + (["box"] if self._box_columns else [])
 
         rows: list[_Row] = []
         first_line_of_id: dict[str, int] = {}
@@ -184,6 +201,11 @@ class ManifestSource:
         if split_text and split is None:
             raise self._error(f"unknown split {split_text!r}; expected train, val or test", line)
         patient_id = values[column["patient_id"]].strip() if "patient_id" in column else ""
+        finding = values[column["finding"]].strip() if "finding" in column else ""
+        try:
+            box = self._box_columns.box(values, finding or None) if self._box_columns else None
+        except ValueError as error:
+            raise self._error(str(error), line) from None
         return _Row(
             id=record_id,
             path=os.path.normpath(self.root / record_id),
@@ -191,6 +213,8 @@ class ManifestSource:
             patient_id=patient_id or patient_id_from_file_name(self._patient_regex, PurePosixPath(record_id).name),
             split=split,
             line=line,
+            masks=tuple(mask_paths(values[column["mask"]], self.root)) if "mask" in column else (),
+            boxes=(box,) if box is not None else (),
         )
 
     def _record_from_row(self, row: _Row) -> Record:
@@ -200,6 +224,8 @@ class ManifestSource:
             path=row.path,
             patient_id=row.patient_id,
             split=row.split,
+            masks=row.masks,
+            boxes=row.boxes,
         )
 
     def _label_index(self, label: str, line: int) -> int | None:
@@ -245,6 +271,8 @@ class _Row:
     patient_id: str | None
     split: str | None
     line: int
+    masks: tuple[str, ...] = ()
+    boxes: tuple[LesionBox, ...] = ()
 
 
 def _is_integer(text: str) -> bool:
