@@ -4,10 +4,17 @@ whose class a corner marker decides while the mask marks the centre object."""
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
+
+from medxai.cli import main
+from medxai.run_folder import RunFolder
 
 from medxai.config import AugmentConfig, PreprocessConfig
 from medxai.data.augment import BatchAugmenter
@@ -194,3 +201,89 @@ def test_cam_loss_moves_the_map_to_the_object(seed: int):
                    "and deletion/insertion must judge any guided run")
 def test_guided_model_follows_the_object_when_the_marker_is_swapped():
     assert _train_toy("cam", 1.0, seed=0)["swapped"] >= 0.8
+
+
+def _busi_like_folder(root: Path, per_class: int = 10) -> Path:
+    """BUSI's layout: ``<class>/<class> (n).png`` beside ``<class> (n)_mask.png``; a bright lesion (brighter for
+    malignant) inside the mask, and empty masks for the ``normal`` class."""
+    rng = np.random.default_rng(0)
+    for label, level in (("benign", 150), ("malignant", 230), ("normal", 0)):
+        (root / label).mkdir(parents=True)
+        for index in range(1, per_class + 1):
+            image = rng.integers(0, 60, size=(32, 40)).astype(np.uint8)
+            mask = np.zeros((32, 40), dtype=np.uint8)
+            if level:
+                mask[10:22, 14:26] = 255
+                image[mask > 0] = level
+            Image.fromarray(image).save(root / label / f"{label} ({index}).png")
+            Image.fromarray(mask).save(root / label / f"{label} ({index})_mask.png")
+    return root
+
+
+def test_medxai_train_with_masks_records_the_loss_and_the_cam_layers_and_refuses_to_resume_without(
+        tmp_path, capsys):
+    data = _busi_like_folder(tmp_path / "busi")
+    layers = "[features.block2, features.block3]"
+    arguments = ["train", "--data", str(data), "--out", str(tmp_path), "--name", "guided", "--epochs", "2",
+                 "--size", "32", "--set", "train.batch_size=16", "--set", "explain.per_outcome=1",
+                 "--set", "train.explanation_loss=input_gradients", "--set", "train.explanation_weight=10",
+                 "--set", f"explain.layer={layers}", "--set", "train.bootstrap_resamples=0"]
+    assert main(arguments) == 0
+    run = RunFolder(tmp_path / "guided")
+    config = run.read_config()
+    assert (config.train.explanation_loss, config.train.explanation_weight) == ("input_gradients", 10.0)
+    assert run.read_card().cam_layer == ["features.block2", "features.block3"]
+    # Every image has a mask file (normal ones empty): all have ground truth, the two thirds with a lesion count.
+    logged = " ".join(capsys.readouterr().err.split())  # the CLI's log lines, unwrapped
+    have, total, lesions = map(int, re.search(r"(\d+) of (\d+) train images have ground truth, (\d+)",
+                                              logged).groups())
+    assert have == total == len(run.read_splits()["train"]) and lesions == 18
+    for change, key in ((["--set", "train.explanation_loss=none"], "train.explanation_loss"),
+                        (["--set", "explain.layer=features.block3"], "explain.layer")):
+        assert main(["train", "--resume", "--out", str(tmp_path), "--name", "guided", *change]) == 2
+        assert key in capsys.readouterr().err
+
+
+def test_explanation_loss_without_any_mask_is_refused_before_training(tmp_path, capsys):
+    data = _busi_like_folder(tmp_path / "busi", per_class=4)
+    for mask in data.rglob("*_mask.png"):
+        mask.unlink()
+    assert main(["train", "--data", str(data), "--out", str(tmp_path), "--name", "r", "--epochs", "1",
+                 "--size", "16", "--set", "train.explanation_loss=cam"]) == 2
+    error = capsys.readouterr().err
+    assert "needs lesion masks or boxes" in error and not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_geometric_augmentation_moves_the_mask_with_its_image_and_draws_the_same_numbers():
+    generator = torch.Generator().manual_seed(0)
+    masks = (torch.rand(4, 12, 12, generator=generator) > 0.7).float()
+    images = masks.unsqueeze(1).repeat(1, 2, 1, 1)  # each image channel is its mask
+    geometric = BatchAugmenter(AugmentConfig(rotation_degrees=30, scale=(0.8, 1.2), translate=0.1, shear_degrees=5,
+                                             hflip=0.5, vflip=0.5, brightness=0.0, contrast=0.0))
+    moved_images, moved_masks = geometric.with_masks(images, masks, torch.Generator().manual_seed(3))
+    assert not torch.equal(moved_masks, masks)
+    torch.testing.assert_close(moved_images[:, 0], moved_masks, rtol=0, atol=1e-6)
+    # Intensity changes leave the mask alone, and the image is what it is without masks (same random draws).
+    full = BatchAugmenter(AugmentConfig(rotation_degrees=30, hflip=0.5, brightness=0.2, contrast=0.2, gamma=0.3,
+                                        noise_std=0.05))
+    with_masks, kept_masks = full.with_masks(images, masks, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(with_masks, full(images, torch.Generator().manual_seed(5)), rtol=0, atol=0)
+    same_geometry = BatchAugmenter(AugmentConfig(rotation_degrees=30, hflip=0.5, brightness=0.0, contrast=0.0))
+    geometry_only = same_geometry.with_masks(images, masks, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(kept_masks, geometry_only[1], rtol=0, atol=0)
+    torch.testing.assert_close(geometry_only[0][:, 0], kept_masks, rtol=0, atol=1e-6)
+
+
+def test_explain_layer_takes_a_name_or_a_list_and_the_card_keeps_either():
+    from medxai.config import load_config
+    from medxai.models.card import ModelCard
+
+    assert load_config(overrides=["explain.layer=features.block2"]).explain.layer == "features.block2"
+    fused = load_config(overrides=["explain.layer=[features.block2, features.block3]"]).explain.layer
+    assert fused == ["features.block2", "features.block3"]
+    card = {"architecture": "simple_cnn", "num_classes": 2, "label_names": ["a", "b"], "preprocess": {"size": 16},
+            "cam_layer": fused}
+    assert ModelCard.from_dict(card).cam_layer == fused
+    for bad in ([], [3], 5):
+        with pytest.raises(Exception, match="cam_layer"):
+            ModelCard.from_dict({**card, "cam_layer": bad})

@@ -122,6 +122,8 @@ def _train(config: RunConfig, job: Distributed, device_name: str, *, resume: boo
 
     plan = plan_splits(source, val_fraction=config.data.val_fraction, test_fraction=config.data.test_fraction,
                        seed=config.data.split_seed, min_val_size=config.data.min_val_size)
+    if config.train.explanation_loss != "none":
+        _check_train_ground_truth(source, plan.splits["train"], config)
     prepared = _prepare_splits(source, plan.splits, config, job)
     if config.train.explanation_loss != "none":
         _attach_train_masks(source, plan.splits["train"], prepared, config)
@@ -481,23 +483,27 @@ def _prepare_splits(source: Source, splits: dict[str, list[Record]], config: Run
     return prepared
 
 
-def _attach_train_masks(source: Source, records: list[Record], prepared: dict[str, PreparedSplit],
-                        config: RunConfig) -> None:
-    """Give the train split its lesion masks (placed as its images are) for ``train.explanation_loss``; masks that
-    cannot be read are listed with the split's skipped files and their images train without one.
+def _check_train_ground_truth(source: Source, records: list[Record], config: RunConfig) -> None:
+    """Before any decoding: refuse ``train.explanation_loss`` when no train record has a mask or boxes.
 
     Raises:
-        ConfigError: no train image has a mask or boxes (the loss would do nothing).
+        ConfigError: the loss would do nothing.
     """
-    train = prepared["train"]
-    by_id = {record.id: record for record in records}
-    kept = [by_id[sample_id] for sample_id in train.ids]
-    if not any(record.masks or record.boxes for record in kept):
+    if not any(record.masks or record.boxes for record in records):
         raise ConfigError(
             f"train.explanation_loss {config.train.explanation_loss!r} needs lesion masks or boxes for some train "
             f"images, and {source.description} has none (docs/training.md says how to give them); set "
             "train.explanation_loss=none to train without"
         )
+
+
+def _attach_train_masks(source: Source, records: list[Record], prepared: dict[str, PreparedSplit],
+                        config: RunConfig) -> None:
+    """Give the train split its lesion masks (placed as its images are) for ``train.explanation_loss``; masks that
+    cannot be read are listed with the split's skipped files and their images train without one."""
+    train = prepared["train"]
+    by_id = {record.id: record for record in records}
+    kept = [by_id[sample_id] for sample_id in train.ids]
     masks, has_mask = prepare_masks(source, kept, Preprocessor(config.preprocess), skipped=train.skipped)
     prepared["train"] = dataclasses.replace(train, masks=masks, has_mask=has_mask)
     counted = int(counted_images(masks, has_mask).sum())
