@@ -287,3 +287,12 @@ def test_explain_layer_takes_a_name_or_a_list_and_the_card_keeps_either():
     for bad in ([], [3], 5):
         with pytest.raises(Exception, match="cam_layer"):
             ModelCard.from_dict({**card, "cam_layer": bad})
+
+
+def test_an_explain_layer_the_model_lacks_is_refused_naming_its_stages(tmp_path, capsys):
+    data = _busi_like_folder(tmp_path / "busi", per_class=4)
+    assert main(["train", "--data", str(data), "--out", str(tmp_path), "--name", "r", "--epochs", "1",
+                 "--size", "16", "--set", "explain.layer=[features.block2, features.block9]"]) == 2
+    error = " ".join(capsys.readouterr().err.split())
+    assert "['features.block9'] not a module of simple_cnn" in error and "'features.block1'" in error
+    assert not (tmp_path / "r").exists()  # refused before the run folder is made

@@ -110,6 +110,7 @@ def _train(config: RunConfig, job: Distributed, device_name: str, *, resume: boo
     source = open_source(config.data.source, patient_pattern=config.data.patient_pattern,
                          split_folders=config.data.split_folders)
     _check_label_set(source)
+    _check_explain_layer(config, len(source.label_names))
     positive = choose_positive_label(source.label_names, config.data.positive_label)
     if resume:
         _check_same_data(run, source)
@@ -573,6 +574,17 @@ def _new_card(model: torch.nn.Module, config: RunConfig, source: Source, positiv
             "splits": plan.to_dict(),
         },
     )
+
+
+def _check_explain_layer(config: RunConfig, num_classes: int) -> None:
+    """Refuse an ``explain.layer`` the model lacks before the run folder is made or any image decoded: the model is
+    built on the meta device (no memory, no weights) with the global random state left as it was."""
+    if not config.explain.layer:
+        return
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        model = create_model(config.model.name, num_classes=num_classes, in_chans=config.preprocess.channels,
+                             input_size=config.preprocess.size, dropout=config.model.dropout)
+    _run_cam_layer(model, config)
 
 
 def _run_cam_layer(model: torch.nn.Module, config: RunConfig) -> str | list[str]:
