@@ -94,6 +94,8 @@ def cam_energy_outside(logits: Tensor, activations: Sequence[Tensor], labels: Te
     Returns:
         A differentiable scalar; several layers average their shares. A map that is zero everywhere counts 0.
     """
+    if not activations:
+        raise ConfigError("train.explanation_loss 'cam': the CAM layer(s) did not run in the model's forward pass")
     scores = logits.float().gather(1, labels.view(-1, 1)).sum()
     gradients = torch.autograd.grad(scores, list(activations), create_graph=True)
     outside = 1.0 - masks.float()
