@@ -50,10 +50,12 @@ __all__ = [
     "input_gradient_penalty",
     "cam_energy_outside",
     "counted_images",
+    "masked_copies",
+    "activation_difference",
 ]
 
 #: ``train.explanation_loss`` values.
-EXPLANATION_LOSSES = ("none", "input_gradients", "cam")
+EXPLANATION_LOSSES = ("none", "input_gradients", "cam", "actdiff")
 
 
 def counted_images(masks: Tensor, has_mask: Tensor) -> Tensor:
@@ -114,31 +116,84 @@ def cam_energy_outside(logits: Tensor, activations: Sequence[Tensor], labels: Te
     return total / (len(activations) * logits.shape[0])
 
 
+def masked_copies(inputs: Tensor, masks: Tensor, counted: Tensor) -> Tensor:
+    """The counted images with everything outside their mask set to the normalised-space zero.
+
+    Args:
+        inputs: ``(B, C, *spatial)`` the model's input (normalised).
+        masks: ``(B, *spatial)`` lesion masks in [0, 1] (soft after a geometric augmentation: the edge blends).
+        counted: ``(B,)`` bool (:func:`counted_images`).
+
+    Returns:
+        ``(M, C, *spatial)``, ``M = counted.sum()``: ``inputs * mask`` of the counted images.
+    """
+    kept = counted.nonzero().squeeze(1)
+    return inputs[kept] * masks[kept].unsqueeze(1).to(inputs.dtype)
+
+
+def activation_difference(activations: Sequence[Tensor], counted: Tensor) -> Tensor:
+    """ActDiff (Viviano et al. 2021): L2 distance between each counted image's activations and those of its masked
+    copy, summed over the counted images and divided by the batch size.
+
+    Args:
+        activations: one ``(B + M, C, *map_spatial)`` tensor per CAM layer, from one forward pass of the batch
+            followed by its ``M`` masked copies (:func:`masked_copies`), in the order of ``counted``.
+        counted: ``(B,)`` bool (:func:`counted_images`).
+
+    Returns:
+        A differentiable scalar (float32); several layers average their distances.
+    """
+    if not activations:
+        raise ConfigError("train.explanation_loss 'actdiff': the CAM layer(s) did not run in the model's forward pass")
+    batch = counted.shape[0]
+    kept = counted.nonzero().squeeze(1)
+    total = activations[0].new_zeros((), dtype=torch.float32)
+    for activation in activations:
+        original, masked = activation[:batch][kept].float(), activation[batch:].float()
+        total = total + (original - masked).flatten(1).norm(dim=1).sum()
+    return total / (len(activations) * batch)
+
+
 class ExplanationLoss:
     """The explanation term of a training step: ``weight * penalty`` (see the module docstring).
 
     Args:
-        kind: ``"input_gradients"`` or ``"cam"``.
+        kind: ``"input_gradients"``, ``"cam"`` or ``"actdiff"``.
         weight: lambda, > 0.
-        cam_layers: the module name(s) whose maps ``"cam"`` penalises (the run's CAM layer).
+        cam_layers: the module name(s) whose maps ``"cam"`` penalises and whose activations ``"actdiff"`` compares
+            (the run's CAM layer).
     """
 
     def __init__(self, kind: str, weight: float, cam_layers: str | Sequence[str] = ()) -> None:
         self.kind = kind
         self.weight = float(weight)
         self.cam_layers = [cam_layers] if isinstance(cam_layers, str) else list(cam_layers)
-        if kind == "cam" and not self.cam_layers:
-            raise ConfigError("train.explanation_loss 'cam' needs a CAM layer")
+        if kind in ("cam", "actdiff") and not self.cam_layers:
+            raise ConfigError(f"train.explanation_loss {kind!r} needs a CAM layer")
 
     @property
     def needs_input_gradient(self) -> bool:
         return self.kind == "input_gradients"
 
+    def batch_to_run(self, inputs: Tensor, masks: Tensor, has_mask: Tensor) -> Tensor:
+        """What the step's forward pass runs: the batch, followed (``"actdiff"``) by the masked copies of its
+        counted images (:func:`masked_copies`), so that BatchNorm normalises an image and its copy with the same
+        statistics and DDP sees one forward pass per step."""
+        if self.kind != "actdiff":
+            return inputs
+        copies = masked_copies(inputs, masks, counted_images(masks, has_mask))
+        if not copies.shape[0]:
+            return inputs
+        memory_format = torch.channels_last if inputs.is_contiguous(memory_format=torch.channels_last) and \
+            inputs.dim() == 4 else torch.contiguous_format
+        return torch.cat([inputs, copies]).contiguous(memory_format=memory_format)
+
     @contextlib.contextmanager
     def watching(self, model: nn.Module) -> Iterator[list[Tensor]]:
-        """Keep the CAM layers' outputs of the forward passes run inside (graph attached; ``"cam"`` only)."""
+        """Keep the CAM layers' outputs of the forward passes run inside (graph attached; ``"cam"`` and
+        ``"actdiff"``)."""
         captured: list[Tensor] = []
-        if self.kind != "cam":
+        if self.kind not in ("cam", "actdiff"):
             yield captured
             return
         handles = []
@@ -151,16 +206,22 @@ class ExplanationLoss:
             for handle in handles:
                 handle.remove()
 
-    def __call__(self, logits: Tensor, inputs: Tensor, labels: Tensor, masks: Tensor, has_mask: Tensor,
+    def __call__(self, outputs: Tensor, inputs: Tensor, labels: Tensor, masks: Tensor, has_mask: Tensor,
                  captured: Sequence[Tensor]) -> Tensor:
-        """``weight * penalty`` for one batch; zero (no graph work) when no image of the batch counts."""
+        """``weight * penalty`` for one batch; zero (no graph work) when no image of the batch counts.
+
+        ``outputs`` are the logits of :meth:`batch_to_run` (the batch's ``B`` rows first), ``inputs`` the batch.
+        """
         counted = counted_images(masks, has_mask)
         if not bool(counted.any()):
-            return logits.new_zeros((), dtype=torch.float32)
+            return outputs.new_zeros((), dtype=torch.float32)
+        logits = outputs[: labels.shape[0]]
         if self.kind == "input_gradients":
             penalty = input_gradient_penalty(logits, inputs, masks, counted)
-        else:
+        elif self.kind == "cam":
             penalty = cam_energy_outside(logits, captured, labels, masks, counted)
+        else:
+            penalty = activation_difference(captured, counted)
         return self.weight * penalty
 
 

@@ -110,14 +110,18 @@ def train_one_epoch(
         masks, has_mask = truth if explaining else (None, None)
         inputs, masks = model_input_with_masks(images, masks, context, augmenter, augment_generator)
         labels = labels.to(context.device, non_blocking=True)
+        batch = inputs
         if explaining:
+            has_mask = has_mask.to(context.device)
             inputs.requires_grad_(explanation.needs_input_gradient)
+            batch = explanation.batch_to_run(inputs, masks, has_mask)
         with autocast_context(context.device, context.amp), (
                 explanation.watching(watched) if explaining else contextlib.nullcontext([])) as captured:
-            logits = model(inputs)
+            outputs = model(batch)
+        logits = outputs[: labels.shape[0]]  # "actdiff" runs the masked copies after the batch
         loss = loss_fn(logits.float(), labels)
         if explaining:
-            loss = loss + explanation(logits, inputs, labels, masks, has_mask.to(context.device), captured)
+            loss = loss + explanation(outputs, inputs, labels, masks, has_mask, captured)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
