@@ -155,8 +155,10 @@ class TrainConfig:
     bn_recalibration_images: int = 0
     # Explanation-guided training on the train images that have a lesion mask or boxes (medxai.train.explanation_loss):
     # "none", "input_gradients" (Ross et al. 2017, "Right for the Right Reasons": squared input gradients of the
-    # summed log-probabilities outside the lesion) or "cam" (the share of the Grad-CAM energy at the run's CAM layer
-    # outside the lesion). Images without ground truth, and normal images (empty mask), add nothing.
+    # summed log-probabilities outside the lesion), "cam" (the share of the Grad-CAM energy at the run's CAM layer
+    # outside the lesion) or "actdiff" (Viviano et al. 2021: the L2 distance between the CAM layer's activations of
+    # the image and of its copy with everything outside the lesion at the normalised zero). Images without ground
+    # truth, and normal images (empty mask), add nothing.
     explanation_loss: str = "none"
     explanation_weight: float = 1.0  # lambda: the penalty's weight beside the classification loss
     monitor: str = "auto"  # validation metric for best checkpoint / early stopping: "auc", "accuracy", "loss", "auto"

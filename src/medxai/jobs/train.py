@@ -59,7 +59,7 @@ logger = logging.getLogger(__name__)
 #: What ``--resume`` may change in a run's saved configuration: how long and where it runs, and what is written after
 #: training. Everything else (data, preprocessing, model, optimiser, the explanation loss and its weight...) defines
 #: the run and is refused; so is ``explain.layer``, which becomes the run's CAM layer (model card, bound to the
-#: weights) and the layer the "cam" explanation loss trains.
+#: weights) and the layer the "cam" and "actdiff" explanation losses train.
 RESUMABLE_KEYS = (
     "train.epochs",
     "train.patience",
@@ -589,7 +589,8 @@ def _check_explain_layer(config: RunConfig, num_classes: int) -> None:
 
 def _run_cam_layer(model: torch.nn.Module, config: RunConfig) -> str | list[str]:
     """The run's CAM layer: ``explain.layer`` (a module name, or several to fuse) when set, else the model's
-    declared one; it goes into the card, so later maps and ``train.explanation_loss`` "cam" read the same layer.
+    declared one; it goes into the card, so later maps and ``train.explanation_loss`` "cam" and "actdiff" read the
+    same layer.
 
     Raises:
         ConfigError: a name that is not a module of the model (the message lists the model's stages).

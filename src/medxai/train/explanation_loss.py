@@ -1,6 +1,6 @@
 """Explanation-guided training: a second loss term that penalises evidence outside the annotated lesion.
 
-Two penalties (``train.explanation_loss``), each weighted by ``train.explanation_weight`` (lambda) and added to the
+Three penalties (``train.explanation_loss``), each weighted by ``train.explanation_weight`` (lambda) and added to the
 classification loss:
 
 * ``"input_gradients"``, "Right for the Right Reasons" (Ross, Hughes & Doshi-Velez, IJCAI 2017, eq. 1):
@@ -20,6 +20,18 @@ classification loss:
   a share leaves the map free to cover only part of a large lesion, which a pointing game does not punish either.
   Only the layers after the CAM layer take a second derivative, so it costs little more than a plain step.
   Several CAM layers (a list) average their shares.
+
+* ``"actdiff"``, ActDiff (Viviano, Simpson, Dutil, Bengio & Cohen, "Saliency is a possible red herring when
+  diagnosing poor generalization", ICLR 2021, arXiv:2107.09055): the L2 distance
+  ``||A(x) - A(x * mask)||_2`` between the CAM layer's activations ``A`` of the image and of its masked copy, whose
+  every pixel outside the mask is the normalised-space zero (the training mean; black when nothing is normalised).
+  The paper shows that the gradient penalties (RRR, GradMask) leave a shortcut in place while ActDiff removes it:
+  a representation that must not change when everything outside the lesion is removed cannot use what lies there.
+  Deviations, for reasons given in docs/training.md: the CAM layer (the last feature map, which the run's maps read)
+  rather than every layer's pre-activations; a constant fill rather than the paper's code's shuffled pixels (which
+  keep a marker's bright pixels); the copies run in the same forward pass as the batch (:meth:`ExplanationLoss.
+  batch_to_run`: one BatchNorm statistic for both, one forward for DDP), and are not classified. Several CAM layers
+  average their distances.
 
 Which images count: only those with ground truth whose mask is not empty (a ``(B,)`` has-mask vector and the mask's
 content decide). An empty mask (a normal image) says there is no lesion, not where the evidence for "normal" lies,
