@@ -153,6 +153,14 @@ class TrainConfig:
     # Re-estimate BatchNorm statistics on un-augmented train batches before each validation (the running statistics
     # were gathered on augmented images); at most this many images, 0 turns it off.
     bn_recalibration_images: int = 0
+    # Explanation-guided training on the train images that have a lesion mask or boxes (medxai.train.explanation_loss):
+    # "none", "input_gradients" (Ross et al. 2017, "Right for the Right Reasons": squared input gradients of the
+    # summed log-probabilities outside the lesion), "cam" (the share of the Grad-CAM energy at the run's CAM layer
+    # outside the lesion) or "actdiff" (Viviano et al. 2021: the L2 distance between the CAM layer's activations of
+    # the image and of its copy with everything outside the lesion at the normalised zero). Images without ground
+    # truth, and normal images (empty mask), add nothing.
+    explanation_loss: str = "none"
+    explanation_weight: float = 1.0  # lambda: the penalty's weight beside the classification loss
     monitor: str = "auto"  # validation metric for best checkpoint / early stopping: "auc", "accuracy", "loss", "auto"
     patience: int = 0  # epochs without improvement before stopping; 0 never stops early
     seed: int = 0
@@ -175,7 +183,10 @@ class ExplainConfig:
     """Heatmaps written at the end of training and by `medxai explain`."""
 
     method: str = "gradcam"
-    layer: str | None = None  # module name; None uses the model's declared CAM layer
+    # Module name, or a list of names whose normalised maps are averaged (LayerCAM-style fusion of a fine and a deep
+    # stage, Jiang et al. 2021); None uses the model's declared CAM layer (docs/models.md gives each model's rule).
+    # Set when training, it becomes the run's CAM layer (model card) and the layer train.explanation_loss "cam" trains.
+    layer: str | list[str] | None = None
     colormap: str = "jet"
     alpha: float = 0.4  # heatmap opacity over the image
     per_outcome: int = 3  # demo/train gallery: images per outcome (TP, FP, FN, TN) for binary tasks
@@ -352,9 +363,14 @@ def _coerce(annotation: Any, value: Any, where: str) -> Any:
         if type(None) in args or annotation is Any:
             return None
         raise ConfigError(f"{where}: must not be empty")
-    if args and type(None) in args:  # Optional[X]
+    if args and type(None) in args:  # Optional[X] or X | Y | None: the first alternative that takes the value
         inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, where)
+        for alternative in inner[:-1]:
+            try:
+                return _coerce(alternative, value, where)
+            except ConfigError:
+                continue
+        return _coerce(inner[-1], value, where)
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")

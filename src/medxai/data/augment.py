@@ -3,6 +3,10 @@
 All random draws come from one ``torch.Generator`` on the CPU (a few numbers per image), so a run is reproducible
 and resumable whatever the device; the pixel work is one ``affine_grid``/``grid_sample`` call per batch on the
 batch's device. Images are expected on the ``[0, 1]`` scale, before normalisation.
+
+Lesion masks (explanation-guided training) go through :meth:`BatchAugmenter.with_masks`: the same geometric
+transform, resampled in the same ``grid_sample`` call as extra channels, so mask and image stay aligned to the
+pixel; intensity changes leave the masks alone. The random draws are the same with and without masks.
 """
 
 from __future__ import annotations
@@ -23,10 +27,20 @@ class BatchAugmenter:
         self.config = config
 
     def __call__(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return self.with_masks(batch, None, generator)[0]
+
+    def with_masks(self, batch: torch.Tensor, masks: torch.Tensor | None,
+                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Augment ``batch`` ``(B, C, H, W)`` and move ``masks`` ``(B, H, W)`` (or None) with it, geometrically."""
         if not self.config.enabled:
-            return batch
-        batch = self._geometric(batch, generator)
-        return self._photometric(batch, generator)
+            return batch, masks
+        if masks is None:
+            batch = self._geometric(batch, generator)
+        else:  # one resampling for both: the mask rides along as one more channel
+            channels = batch.shape[1]
+            moved = self._geometric(torch.cat([batch, masks.unsqueeze(1).to(batch.dtype)], dim=1), generator)
+            batch, masks = moved[:, :channels], moved[:, channels].clamp(0.0, 1.0).to(masks.dtype)
+        return self._photometric(batch, generator), masks
 
     def _uniform(self, count: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
         return torch.rand(count, generator=generator) * (high - low) + low

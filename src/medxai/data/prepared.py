@@ -61,10 +61,16 @@ class PreparedSplit:
     boxes: list[ContentBox | None]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path or id, reason)
     facts: list[ImageFacts] = field(default_factory=list)  # per image, for the input profile of the domain guard
+    # Lesion masks placed as the images are (medxai.data.ground_truth.prepare_masks), as (N, S, S) uint8 codes of
+    # [0, 1] (a quarter of float32's memory), and the (N,) bool "has ground truth" vector; None without masks.
+    masks: torch.Tensor | None = None
+    has_mask: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.images, torch.Tensor):
             self.images = ImageStore.from_unit(self.images)
+        if self.masks is not None and self.masks.is_floating_point():
+            self.masks = (self.masks.clamp(0.0, 1.0) * 255).round().to(torch.uint8)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -76,6 +82,8 @@ class PreparedSplit:
         return PreparedSplit(
             images=self.images.subset(indices), labels=self.labels[index], ids=[self.ids[i] for i in indices],
             boxes=[self.boxes[i] for i in indices], facts=[self.facts[i] for i in indices] if self.facts else [],
+            masks=self.masks[index] if self.masks is not None else None,
+            has_mask=self.has_mask[index] if self.has_mask is not None else None,
         )
 
     def class_counts(self, num_classes: int) -> list[int]:
@@ -231,17 +239,21 @@ def batch_order(count: int, batch_size: int, *, shuffle: bool, generator: torch.
 
 
 class _Batches(Dataset):
-    """Item ``i`` is batch ``i``: its codes and labels, gathered from the shards (in a worker, with workers)."""
+    """Item ``i`` is batch ``i``: its codes and labels, gathered from the shards (in a worker, with workers), and
+    its mask codes and has-mask flags when the split carries masks."""
 
     def __init__(self, split: PreparedSplit, batches: list[torch.Tensor]) -> None:
         self.images, self.labels, self.batches = split.images, split.labels, batches
+        self.masks, self.has_mask = split.masks, split.has_mask
 
     def __len__(self) -> int:
         return len(self.batches)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
         indices = self.batches[index]
-        return self.images.codes(indices), self.labels[indices]
+        if self.masks is None:
+            return self.images.codes(indices), self.labels[indices]
+        return self.images.codes(indices), self.labels[indices], self.masks[indices], self.has_mask[indices]
 
 
 def loader_workers(device: torch.device, world: int = 1) -> int:
@@ -257,7 +269,8 @@ def iterate_batches(
     split: PreparedSplit, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,
     device: torch.device | None = None, rank: int = 0, world: int = 1,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield ``(codes, labels)`` batches (see :func:`batch_order`) through a :class:`~torch.utils.data.DataLoader`:
+    """Yield ``(codes, labels)`` batches, ``(codes, labels, mask_codes, has_mask)`` for a split with masks (see
+    :func:`batch_order`), through a :class:`~torch.utils.data.DataLoader`:
     pinned memory and gathering workers on a GPU (:func:`loader_workers`), memory bounded by batch x workers x
     prefetch whatever the split's size."""
     batches = batch_order(len(split), batch_size, shuffle=shuffle, generator=generator, rank=rank, world=world)

@@ -26,6 +26,7 @@ from medxai.config import RunConfig, apply_overrides
 from medxai.data import Record, Source, is_hidden_or_system, open_source
 from medxai.data.augment import BatchAugmenter
 from medxai.data.check import check_prepared, leaked_ids
+from medxai.data.ground_truth import prepare_masks
 from medxai.data.labels import choose_positive_label
 from medxai.data.prepared import PreparedSplit, prepare_split, preparation_options
 from medxai.data.preprocess import Preprocessor, channel_statistics
@@ -46,6 +47,7 @@ from medxai.report.html import build_report
 from medxai.run_folder import RunFolder, check_folder_name
 from medxai.train import BatchContext, distributed, fit, resolve_device
 from medxai.train.distributed import Distributed
+from medxai.train.explanation_loss import check_explanation_settings, counted_images
 from medxai.train.loop import predict_split_with_features
 
 __all__ = [
@@ -55,7 +57,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: What ``--resume`` may change in a run's saved configuration: how long and where it runs, and what is written after
-#: training. Everything else (data, preprocessing, model, optimiser...) defines the run and is refused.
+#: training. Everything else (data, preprocessing, model, optimiser, the explanation loss and its weight...) defines
+#: the run and is refused; so is ``explain.layer``, which becomes the run's CAM layer (model card, bound to the
+#: weights) and the layer the "cam" and "actdiff" explanation losses train.
 RESUMABLE_KEYS = (
     "train.epochs",
     "train.patience",
@@ -66,7 +70,6 @@ RESUMABLE_KEYS = (
     "data.cache",
     "data.cache_dir",
     "explain.method",
-    "explain.layer",
     "explain.colormap",
     "explain.alpha",
     "explain.per_outcome",
@@ -98,6 +101,7 @@ def _train(config: RunConfig, job: Distributed, device_name: str, *, resume: boo
     (every rank prepares the data and trains; rank 0 alone writes the run folder and finishes the run)."""
     run = RunFolder(Path(config.out_dir) / check_folder_name(config.name))
     _check_operating_point_options(config)
+    check_explanation_settings(config.train.explanation_loss, config.train.explanation_weight)
     resume, overwrite = _after_restart(run, resume, overwrite)
     if resume:
         run.check_resumable()
@@ -106,6 +110,7 @@ def _train(config: RunConfig, job: Distributed, device_name: str, *, resume: boo
     source = open_source(config.data.source, patient_pattern=config.data.patient_pattern,
                          split_folders=config.data.split_folders)
     _check_label_set(source)
+    _check_explain_layer(config, len(source.label_names))
     positive = choose_positive_label(source.label_names, config.data.positive_label)
     if resume:
         _check_same_data(run, source)
@@ -118,7 +123,11 @@ def _train(config: RunConfig, job: Distributed, device_name: str, *, resume: boo
 
     plan = plan_splits(source, val_fraction=config.data.val_fraction, test_fraction=config.data.test_fraction,
                        seed=config.data.split_seed, min_val_size=config.data.min_val_size)
+    if config.train.explanation_loss != "none":
+        _check_train_ground_truth(source, plan.splits["train"], config)
     prepared = _prepare_splits(source, plan.splits, config, job)
+    if config.train.explanation_loss != "none":
+        _attach_train_masks(source, plan.splits["train"], prepared, config)
     if config.preprocess.normalize == "dataset":
         config.preprocess.mean, config.preprocess.std = channel_statistics(prepared["train"].images)
     if job.is_main:
@@ -475,6 +484,35 @@ def _prepare_splits(source: Source, splits: dict[str, list[Record]], config: Run
     return prepared
 
 
+def _check_train_ground_truth(source: Source, records: list[Record], config: RunConfig) -> None:
+    """Before any decoding: refuse ``train.explanation_loss`` when no train record has a mask or boxes.
+
+    Raises:
+        ConfigError: the loss would do nothing.
+    """
+    if not any(record.masks or record.boxes for record in records):
+        raise ConfigError(
+            f"train.explanation_loss {config.train.explanation_loss!r} needs lesion masks or boxes for some train "
+            f"images, and {source.description} has none (docs/training.md says how to give them); set "
+            "train.explanation_loss=none to train without"
+        )
+
+
+def _attach_train_masks(source: Source, records: list[Record], prepared: dict[str, PreparedSplit],
+                        config: RunConfig) -> None:
+    """Give the train split its lesion masks (placed as its images are) for ``train.explanation_loss``; masks that
+    cannot be read are listed with the split's skipped files and their images train without one."""
+    train = prepared["train"]
+    by_id = {record.id: record for record in records}
+    kept = [by_id[sample_id] for sample_id in train.ids]
+    masks, has_mask = prepare_masks(source, kept, Preprocessor(config.preprocess), skipped=train.skipped)
+    prepared["train"] = dataclasses.replace(train, masks=masks, has_mask=has_mask)
+    counted = int(counted_images(masks, has_mask).sum())
+    logger.info("explanation loss %r (weight %g): %d of %d train images have ground truth, %d of them a lesion",
+                config.train.explanation_loss, config.train.explanation_weight, int(has_mask.sum()), len(train),
+                counted)
+
+
 def _data_check(
     run: RunFolder, source: Source, prepared: dict[str, PreparedSplit], near_threshold: int
 ) -> dict[str, Any]:
@@ -525,7 +563,7 @@ def _new_card(model: torch.nn.Module, config: RunConfig, source: Source, positiv
         num_classes=len(source.label_names),
         label_names=list(source.label_names),
         preprocess=config.preprocess,
-        cam_layer=model.cam_layer,
+        cam_layer=_run_cam_layer(model, config),
         classifier=getattr(model, "classifier_name", ""),
         dropout=config.model.dropout,
         positive_label=positive,
@@ -536,6 +574,37 @@ def _new_card(model: torch.nn.Module, config: RunConfig, source: Source, positiv
             "splits": plan.to_dict(),
         },
     )
+
+
+def _check_explain_layer(config: RunConfig, num_classes: int) -> None:
+    """Refuse an ``explain.layer`` the model lacks before the run folder is made or any image decoded: the model is
+    built on the meta device (no memory, no weights) with the global random state left as it was."""
+    if not config.explain.layer:
+        return
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        model = create_model(config.model.name, num_classes=num_classes, in_chans=config.preprocess.channels,
+                             input_size=config.preprocess.size, dropout=config.model.dropout)
+    _run_cam_layer(model, config)
+
+
+def _run_cam_layer(model: torch.nn.Module, config: RunConfig) -> str | list[str]:
+    """The run's CAM layer: ``explain.layer`` (a module name, or several to fuse) when set, else the model's
+    declared one; it goes into the card, so later maps and ``train.explanation_loss`` "cam" and "actdiff" read the
+    same layer.
+
+    Raises:
+        ConfigError: a name that is not a module of the model (the message lists the model's stages).
+    """
+    chosen = config.explain.layer
+    if not chosen:
+        return model.cam_layer
+    names = [chosen] if isinstance(chosen, str) else list(dict.fromkeys(chosen))
+    modules = dict(model.named_modules())
+    unknown = [name for name in names if name not in modules]
+    if unknown:
+        raise ConfigError(f"explain.layer: {unknown} not a module of {config.model.name}; its stages, shallow to "
+                          f"deep: {list(getattr(model, 'stage_layers', ()))}")
+    return names[0] if len(names) == 1 else names
 
 
 def _summary(metrics: dict[str, Any]) -> dict[str, Any]:

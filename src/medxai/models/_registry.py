@@ -39,7 +39,8 @@ class ModelSpec:
         description: one line for ``medxai models``-style listings.
         stages: names of the modules whose outputs end the network's stages (resolution levels), shallow to deep,
             or a function of the input size giving them; the out-of-domain guard (:mod:`medxai.evaluate.domain`)
-            models their feature statistics, from low-level texture to the CAM layer's semantics.
+            models their feature statistics, from low-level texture to the CAM layer's semantics. They are also the
+            finer CAM layers ``explain.layer`` may name or fuse; the default is the last one (``docs/models.md``).
     """
 
     name: str

@@ -62,7 +62,7 @@ class ModelCard:
     num_classes: int
     label_names: list[str]
     preprocess: PreprocessConfig
-    cam_layer: str
+    cam_layer: str | list[str]  # the module whose maps the run explains, or several fused (explain.layer)
     classifier: str = ""
     dropout: float = 0.0
     positive_label: str | None = None
@@ -164,7 +164,7 @@ class ModelCard:
 #: from a file: a card is read from disk, where anyone may have edited it.
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "architecture": (str,), "num_classes": (int,), "label_names": (list,), "preprocess": (dict,),
-    "cam_layer": (str,), "classifier": (str,), "dropout": (int, float), "positive_label": (str, type(None)),
+    "cam_layer": (str, list), "classifier": (str,), "dropout": (int, float), "positive_label": (str, type(None)),
     "temperature": (int, float), "threshold": (dict,), "calibration": (dict, type(None)), "domain": (dict,),
     "members": (list,), "train_data": (dict,), "metrics": (dict,), "intended_use": (str,), "limitations": (str,),
     "medxai_version": (str,), "run_id": (str, type(None)),
@@ -179,5 +179,8 @@ def _check_types(values: dict[str, Any]) -> None:
             raise CheckpointError(f"model card field {key!r} has the wrong type ({type(value).__name__})")
     if not all(isinstance(name, str) for name in values["label_names"]):
         raise CheckpointError("model card field 'label_names' must be a list of names")
+    layers = values["cam_layer"]
+    if isinstance(layers, list) and not (layers and all(isinstance(name, str) for name in layers)):
+        raise CheckpointError("model card field 'cam_layer' must be a module name or a non-empty list of names")
     if not all(isinstance(member, dict) for member in values.get("members", [])):
         raise CheckpointError("model card field 'members' must be a list of objects")

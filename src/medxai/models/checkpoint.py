@@ -175,7 +175,7 @@ def build_from_card(card: ModelCard) -> torch.nn.Module:
     each member from the member card it holds."""
     if card.architecture == ENSEMBLE_ARCHITECTURE:
         return EnsembleModel([build_from_card(ModelCard.from_dict(member["card"])) for member in card.members])
-    return create_model(
+    model = create_model(
         card.architecture,
         num_classes=card.num_classes,
         in_chans=card.in_chans,
@@ -183,6 +183,8 @@ def build_from_card(card: ModelCard) -> torch.nn.Module:
         input_size=card.input_size,
         dropout=card.dropout,
     )
+    model.cam_layer = card.cam_layer  # the run's choice (explain.layer at training), not only the family default
+    return model
 
 
 def load_weights(path: str | Path, card: ModelCard | None = None) -> tuple[torch.nn.Module, ModelCard]:

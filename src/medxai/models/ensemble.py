@@ -36,7 +36,9 @@ class EnsembleModel(nn.Module):
         self.num_classes = first.num_classes
         self.in_chans = first.in_chans
         self.input_size = first.input_size
-        self.cam_layer = f"members.0.{first.cam_layer}"
+        first_layers = first.cam_layer
+        self.cam_layer = (f"members.0.{first_layers}" if isinstance(first_layers, str)
+                          else [f"members.0.{name}" for name in first_layers])
         self.member_cam_layers = [member.cam_layer for member in members]
         self.classifier_name = ""
         self.stage_layers = tuple(

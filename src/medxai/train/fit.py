@@ -24,6 +24,7 @@ from medxai.models.card import ModelCard
 from medxai.models.checkpoint import load_training_state, load_weights, save_training_state, save_weights
 from medxai.run_folder import RunFolder
 from medxai.train.distributed import SINGLE, Distributed, wrap
+from medxai.train.explanation_loss import build_explanation_loss
 from medxai.train.loop import (
     BatchContext,
     mean_loss_and_accuracy,
@@ -152,6 +153,10 @@ def fit(
     optimizer = build_optimizer(network, config)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch)
     loss_fn = build_loss(config, train, card.num_classes, context.device)
+    explanation = build_explanation_loss(config.explanation_loss, config.explanation_weight, card.cam_layer)
+    if explanation is not None and train.masks is None:
+        logger.warning("train.explanation_loss %r: the train split carries no masks; training without it",
+                       config.explanation_loss)
     ema = build_ema(trained, config)
     state = {
         "epoch": 0, "history": [], "best_score": -math.inf, "best_val_loss": math.inf, "best_epoch": 0, "stale_epochs": 0,
@@ -177,7 +182,7 @@ def fit(
         train_stats = train_one_epoch(
             network, train, context, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn,
             augmenter=augmenter, generator=generator, description=f"epoch {epoch}/{config.epochs}",
-            ema=ema, job=job,
+            ema=ema, job=job, explanation=explanation,
         )
         evaluated = ema.module if ema is not None else trained
         job.broadcast_buffers(evaluated)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -15,10 +16,11 @@ from medxai.data.preprocess import Preprocessor
 from medxai.models.features import capture_stage_statistics
 from medxai.train._device import autocast_context, to_channels_last
 from medxai.train.distributed import SINGLE, Distributed
+from medxai.train.explanation_loss import ExplanationLoss
 
 __all__ = [
     "BatchContext", "place_model", "train_one_epoch", "predict_split", "predict_split_with_features", "recalibrate_batchnorm",
-    "model_input",
+    "model_input", "model_input_with_masks",
     "mean_loss_and_accuracy",
 ]
 
@@ -47,13 +49,23 @@ def place_model(model: torch.nn.Module, context: BatchContext) -> torch.nn.Modul
 def model_input(images: torch.Tensor, context: BatchContext, augmenter=None, generator=None) -> torch.Tensor:
     """Move a stored batch (integer codes, or floats on ``[0, 1]``) to the device, scale it to ``[0, 1]`` there,
     augment it (training only) and normalise it."""
+    return model_input_with_masks(images, None, context, augmenter, generator)[0]
+
+
+def model_input_with_masks(
+    images: torch.Tensor, masks: torch.Tensor | None, context: BatchContext, augmenter=None, generator=None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`model_input`, with the batch's mask codes (or None) moved to the device as floats on ``[0, 1]`` and
+    through the same geometric augmentation as their images."""
     batch = to_unit_range(images.to(context.device, non_blocking=True))
+    if masks is not None:
+        masks = to_unit_range(masks.to(context.device, non_blocking=True))
     if augmenter is not None:
-        batch = augmenter(batch, generator)
+        batch, masks = augmenter.with_masks(batch, masks, generator)
     batch = context.preprocessor.normalize(batch)
     if context.channels_last and batch.dim() == 4:
         batch = batch.contiguous(memory_format=torch.channels_last)
-    return batch
+    return batch, masks
 
 
 def train_one_epoch(
@@ -69,10 +81,17 @@ def train_one_epoch(
     description: str = "train",
     ema: torch.optim.swa_utils.AveragedModel | None = None,
     job: Distributed = SINGLE,
+    explanation: ExplanationLoss | None = None,
 ) -> dict[str, float]:
     """One pass over ``split`` in a seeded random order; returns mean loss and accuracy on the augmented data (of
     all ranks, under DDP: each rank trains on its share of every batch, :func:`~medxai.data.prepared.batch_order`).
+
+    With ``explanation`` and a split that carries masks, the loss of each step adds the explanation term
+    (:mod:`medxai.train.explanation_loss`) of the batch's images that have a lesion mask; the returned loss is then
+    the sum of both terms.
     """
+    explaining = explanation is not None and split.masks is not None
+    watched = model.module if job.active else model  # DDP runs the inner module: its layers are hooked
     model.train()
     total_loss = torch.zeros((), device=context.device)
     correct = torch.zeros((), device=context.device, dtype=torch.long)
@@ -84,15 +103,25 @@ def train_one_epoch(
     augment_generator = generator if not job.active else torch.Generator().manual_seed(
         generator.initial_seed() * 31 + job.rank)
     steps = -(-len(split) // context.batch_size)
-    for images, labels in tqdm(batches, total=steps, desc=description, unit="batch", leave=False,
-                               disable=None if job.is_main else True):
+    for images, labels, *truth in tqdm(batches, total=steps, desc=description, unit="batch", leave=False,
+                                       disable=None if job.is_main else True):
         if images.shape[0] * job.world < 2 and len(split) > 1:  # BatchNorm cannot train on a single image
             continue
-        inputs = model_input(images, context, augmenter, augment_generator)
+        masks, has_mask = truth if explaining else (None, None)
+        inputs, masks = model_input_with_masks(images, masks, context, augmenter, augment_generator)
         labels = labels.to(context.device, non_blocking=True)
-        with autocast_context(context.device, context.amp):
-            logits = model(inputs)
+        batch = inputs
+        if explaining:
+            has_mask = has_mask.to(context.device)
+            inputs.requires_grad_(explanation.needs_input_gradient)
+            batch = explanation.batch_to_run(inputs, masks, has_mask)
+        with autocast_context(context.device, context.amp), (
+                explanation.watching(watched) if explaining else contextlib.nullcontext([])) as captured:
+            outputs = model(batch)
+        logits = outputs[: labels.shape[0]]  # "actdiff" runs the masked copies after the batch
         loss = loss_fn(logits.float(), labels)
+        if explaining:
+            loss = loss + explanation(outputs, inputs, labels, masks, has_mask, captured)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
