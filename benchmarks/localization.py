@@ -2,7 +2,8 @@
 
 BUSI (Al-Dhabyani et al. 2020) has no patient ids, so the split is a fixed rule on the file number ``n`` of
 ``<class> (n).png``: ``n % 5 == 0`` is test, ``n % 5 == 1`` validation, the rest train (stratified by class because
-every class is numbered from 1). The rule is written into a CSV manifest (``path,label,split,mask``; several masks of
+every class is numbered from 1); test images that duplicate a train image (BUSI has a few) are dropped
+(``data.drop_test_duplicates``). The rule is written into a CSV manifest (``path,label,split,mask``; several masks of
 one image joined by ``|``) in ``--work``, so the data is read through the manifest's mask column.
 
 For each training recipe (``--recipes``: the ``busi`` preset as it is, and the same with an explanation loss of
@@ -143,6 +144,9 @@ def main() -> None:
         config = load_config("busi", [f"data.source={manifest}", f"out_dir={work}", f"name={recipe}",
                                       f"train.epochs={arguments.epochs}", f"preprocess.size={arguments.size}",
                                       f"train.seed={arguments.seed}", f"train.device={arguments.device}",
+                                      # the rule's validation split as it is (medxai would fold a split under 100
+                                      # images into train and carve another), test images duplicated in train out
+                                      "data.min_val_size=0", "data.drop_test_duplicates=true",
                                       *RECIPES[recipe]])
         runs[recipe] = train_run(config, overwrite=True)
         training[recipe] = {"seconds": round(time.perf_counter() - begun, 1), "overrides": RECIPES[recipe],

@@ -471,9 +471,11 @@ def open_ground_truth(path: str | Path) -> GroundTruthTable:
     raise DataError(f"ground truth {path} does not exist; expected a folder of mask files or a CSV file")
 
 
-def attach_ground_truth(records: Sequence[Record], ground_truth: GroundTruthTable) -> list[Record]:
+def attach_ground_truth(records: Sequence[Record], ground_truth: GroundTruthTable, *, replace_own: bool = False
+                        ) -> list[Record]:
     """The records with the table's masks and boxes added to their own (matched as :meth:`GroundTruthTable.match`
-    says); keys that match no record, or several, are logged (by count) and left out."""
+    says), or instead of their own with ``replace_own`` (the images the table does not name keep theirs); keys that
+    match no record, or several, are logged (by count) and left out."""
     matched, unmatched = ground_truth.match(records)
     if unmatched:
         logger.warning("%s: %d of %d images named in the ground truth match no image of the data, or several "
@@ -486,7 +488,8 @@ def attach_ground_truth(records: Sequence[Record], ground_truth: GroundTruthTabl
         extra_boxes[record.id] += ground_truth.boxes.get(key, ())
     matched_ids = {record.id for record in matched.values()}
     return [
-        replace(record, masks=record.masks + extra_masks[record.id], boxes=record.boxes + extra_boxes[record.id])
+        replace(record, masks=(() if replace_own else record.masks) + extra_masks[record.id],
+                boxes=(() if replace_own else record.boxes) + extra_boxes[record.id])
         if record.id in matched_ids else record
         for record in records
     ]

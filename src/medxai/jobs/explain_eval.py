@@ -104,7 +104,8 @@ def evaluate_explanations(
         split_folders: passed to :func:`~medxai.data.open_source`.
         inference: the device.
         ground_truth: masks or boxes given apart from the data (``--masks``): a folder of mask files named after the
-            images, or a CSV (:func:`medxai.data.ground_truth.open_ground_truth`); they replace the data's own.
+            images, or a CSV (:func:`medxai.data.ground_truth.open_ground_truth`); they replace the data's own for
+            the images they name, the others keep theirs.
 
     Returns:
         The document written (see the README for its keys).
@@ -129,7 +130,7 @@ def evaluate_explanations(
     own = is_training_data(source, classifier.card, fingerprint)
     records, selection = select_records(source, split, run, own, data)
     if ground_truth is not None:
-        records = attach_ground_truth(records, open_ground_truth(ground_truth))
+        records = attach_ground_truth(records, open_ground_truth(ground_truth), replace_own=True)
     records = _subset(records, settings.max_images, settings.seed)
     out = run if own else run.evaluation(name or default_evaluation_name(data, split))
     if not own:
@@ -291,7 +292,7 @@ def _validation_truths(source, run: RunFolder, own: bool, split: str, settings: 
     except DataError:
         return None
     if ground_truth is not None:
-        records = attach_ground_truth(records, open_ground_truth(ground_truth))
+        records = attach_ground_truth(records, open_ground_truth(ground_truth), replace_own=True)
     records = _subset([record for record in records if record.masks or record.boxes], settings.max_images,
                       settings.seed)
     if not records:
