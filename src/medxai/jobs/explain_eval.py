@@ -6,6 +6,12 @@ LeRF), the same four for random heatmaps, whether the method beats them, and the
 reports (its calibrated probabilities and operating threshold; log-odds for binary models), from the same forward pass
 as the decision, exactly as ``medxai explain`` does; the curves follow that label's calibrated probability.
 
+Where the images carry lesion masks or boxes (or ``ground_truth`` gives them), each method's maps are also compared
+with them on the original images (:mod:`medxai.jobs.localization`: pointing game, IoU, IoBB... with bootstrap
+intervals; per-class thresholds chosen on the run's validation split). Every method gets the shortcut alarm
+(:mod:`medxai.explain.shortcut`): does the evidence of correctly classified images sit on the border, on burnt-in text
+or outside the body? On the run's own test split its verdict is recorded in the model card.
+
 The images are chosen as ``medxai evaluate`` chooses them (:func:`medxai.jobs.evaluate.select_records`): the run's
 own split lists on its own data, the data's official split (or all of it) elsewhere. Results on the run's own data go
 to the run folder; on other data, to ``RUN/evaluations/<name>/``.
@@ -236,7 +242,7 @@ def evaluate_explanations(
         document["methods"][method_name]["shortcut_alarm"] = verdict
     document["shortcut_alarm"] = {"fires": any(verdict["fires"] for verdict in verdicts.values()),
                                   "methods": [name for name, verdict in verdicts.items() if verdict["fires"]]}
-    if own:
+    if own and split == "test":
         _record_shortcut_verdict(run, document)
 
     if not own and not out.info_path.is_file():
@@ -251,8 +257,8 @@ def evaluate_explanations(
 
 
 def _record_shortcut_verdict(run: RunFolder, document: Mapping[str, Any]) -> None:
-    """The model card keeps the shortcut alarm's verdict on the run's own images (an unbound, descriptive field:
-    measured after the weights were saved), with the split and methods it was measured on."""
+    """The model card keeps the shortcut alarm's verdict on the run's own test images (an unbound, descriptive
+    field: measured after the weights were saved), with the methods and regions that fired."""
     card = run.read_card()
     card.metrics["shortcut_alarm"] = {
         "split": document["split"], "n_images": document["n_images"], **document["shortcut_alarm"],
