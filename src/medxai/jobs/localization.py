@@ -76,7 +76,7 @@ class LesionTruth:
 
     index: int
     mask: Tensor
-    label: int
+    label: int  # -1 (UNKNOWN_LABEL) for an unlabelled image: its rows say "unlabelled"
 
     @property
     def empty(self) -> bool:
@@ -133,11 +133,13 @@ def localization_rows(
     """
     rows = []
     for saliency, truth in zip(placed, truths, strict=True):
+        labelled = truth.label >= 0
         row: dict[str, Any] = {
             "method": method,
             "id": ids[truth.index],
-            "class": label_names[truth.label],
-            "outcome": "correct" if int(predicted[truth.index]) == truth.label else "wrong",
+            "class": label_names[truth.label] if labelled else "unlabelled",
+            "outcome": ("correct" if int(predicted[truth.index]) == truth.label else "wrong") if labelled
+            else "unlabelled",
             "empty_mask": truth.empty,
         }
         if truth.empty:
