@@ -50,6 +50,8 @@ SECTION_IDS = (
     "evaluations",
     "gallery",
     "explanations",
+    "localization",
+    "shortcut",
     "model-card",
 )
 NOT_FOR_CLINICAL_USE = "Not for clinical use without independent validation on the target population and setting."
@@ -1005,9 +1007,20 @@ def _model_card_section(files: _RunFiles, images: _ImageEncoder) -> str:
         ("Calibration", f"temperature {_number(card.get('temperature'), 3)} (fitted on validation)"),
         ("Metrics", f"{_e(str(test_split))} split, n = {_count(summary.get('n'))}: {metric_text}" if summary else "-"),
         ("Limitations", _e(card.get("limitations", ""))),
+        ("Shortcut alarm", _shortcut_card_text((card.get("metrics") or {}).get("shortcut_alarm"))),
         ("Version", f"medxai {_e(str(card.get('medxai_version', '?')))}"),
     ]
     return "<dl class=\"card\">" + "".join(f"<dt>{_e(term)}</dt><dd>{value}</dd>" for term, value in items) + "</dl>"
+
+
+def _shortcut_card_text(verdict: Any) -> str:
+    if not isinstance(verdict, dict):
+        return "not measured (run <code>medxai explain-eval</code> on the test split)"
+    where = f"{_count(verdict.get('n_images'))} {_e(str(verdict.get('split', '?')))} images"
+    if verdict.get("fires"):
+        return (f"<strong>fires</strong> on {where}: the evidence sits on {_e(', '.join(verdict.get('regions') or []))} "
+                f"({_e(', '.join(verdict.get('methods') or []))}); the model may have learnt a shortcut")
+    return f"quiet on {where}"
 
 
 # -- helpers -------------------------------------------------------------------------------------------------------
