@@ -12,8 +12,8 @@ method at a layer: Grad-CAM at the last block, at the block before (a finer map)
 is measured on VALIDATION by ``medxai explain-eval --no-faithfulness``; the pair with the best validation pointing
 game on correctly classified lesion images, among the recipes whose validation accuracy is within 0.02 of the plain
 recipe's, is chosen there. Then every pair is measured on TEST with the full explain-eval (deletion/insertion, ROAD,
-the sanity check (these two for the chosen map and plain Grad-CAM only: they cost most), localisation with bootstrap
-intervals, the shortcut alarm).
+the sanity check (these two for the chosen map and each recipe's Grad-CAM at its last block only: they cost most),
+localisation with bootstrap intervals, the shortcut alarm).
 
 Published breast-ultrasound anchors printed beside the result: Byra et al. 2022 (J Ultrason 22:70-75), CAM pointing
 game 0.71 on 272 masses; PMC10233039, Grad-CAM mean IoU 0.175 at threshold 0.45 with ResNet-50.
@@ -132,6 +132,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--max-accuracy-drop", type=float, default=0.02)
     parser.add_argument("--out", default=str(RESULTS / "localization_busi.json"))
+    parser.add_argument("--reuse", action="store_true", help="keep the finished runs already in --work")
     arguments = parser.parse_args()
 
     started = time.perf_counter()
@@ -141,6 +142,12 @@ def main() -> None:
     training: dict[str, Any] = {}
     for recipe in arguments.recipes.split(","):
         begun = time.perf_counter()
+        if arguments.reuse and (work / recipe / "metrics.json").is_file():
+            runs[recipe] = work / recipe
+            training[recipe] = {"seconds": None, "overrides": RECIPES[recipe], "reused": True,
+                                "val": split_accuracy(runs[recipe], "val"),
+                                "test": split_accuracy(runs[recipe], "test")}
+            continue
         config = load_config("busi", [f"data.source={manifest}", f"out_dir={work}", f"name={recipe}",
                                       f"train.epochs={arguments.epochs}", f"preprocess.size={arguments.size}",
                                       f"train.seed={arguments.seed}", f"train.device={arguments.device}",
@@ -164,15 +171,15 @@ def main() -> None:
                 if training[key.split("/")[0]]["val"]["accuracy"] >= plain_accuracy - arguments.max_accuracy_drop}
     chosen = max(eligible, key=lambda key: eligible[key]["correct"]["pointing_game"]["mean"] or 0.0)
 
-    # Faithfulness and the sanity check (the expensive part) for the chosen map and the plain Grad-CAM it is compared
-    # with; localisation and the shortcut alarm for every map.
-    baseline = "plain/gradcam_last" if "plain" in runs else chosen
+    # Faithfulness and the sanity check (the expensive part) for the chosen map and each recipe's Grad-CAM at its
+    # last block (does guided training move the model, or only the map?); localisation and the alarm for every map.
+    faithful = {chosen, *(f"{recipe}/gradcam_last" for recipe in runs)}
     test: dict[str, Any] = {}
     for recipe, run in runs.items():
         for choice, (method, layer) in map_choices(run).items():
             key = f"{recipe}/{choice}"
             settings = ExplainEvalConfig(methods=[method], max_images=1000, layer=layer, steps=20, sanity_images=32,
-                                         faithfulness=key in (chosen, baseline))
+                                         faithfulness=key in faithful)
             document = evaluate_explanations(run, manifest, "test", settings=settings)
             test[key] = {"layer": layer, **lesion_summary(document, method)}
 
