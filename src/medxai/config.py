@@ -157,8 +157,9 @@ class TrainConfig:
     # "none", "input_gradients" (Ross et al. 2017, "Right for the Right Reasons": squared input gradients of the
     # summed log-probabilities outside the lesion), "cam" (the share of the Grad-CAM energy at the run's CAM layer
     # outside the lesion) or "actdiff" (Viviano et al. 2021: the L2 distance between the CAM layer's activations of
-    # the image and of its copy with everything outside the lesion at the normalised zero). Images without ground
-    # truth, and normal images (empty mask), add nothing.
+    # the image and of its copy with everything outside the lesion at the normalised zero, relative to the image's
+    # own; 10 moved a toy model off a shortcut). Images without ground truth, and normal images (empty mask), add
+    # nothing.
     explanation_loss: str = "none"
     explanation_weight: float = 1.0  # lambda: the penalty's weight beside the classification loss
     monitor: str = "auto"  # validation metric for best checkpoint / early stopping: "auc", "accuracy", "loss", "auto"
