@@ -137,8 +137,14 @@ def test_masks_given_apart_replace_the_datas_and_a_wrong_sized_one_is_a_skip_rea
         writer.writerow([lesion_ids[1], str(swapped)])
         for image in lesion_ids[2:]:
             writer.writerow([image, str(data / image.replace(".png", "_mask.png"))])
+    (run / "localization").mkdir(exist_ok=True)
+    (run / "localization" / "my notes.txt").write_text("the user's")
+    earlier = sorted(path.name for path in (run / "localization").glob("layercam_*.png"))
     assert main(["explain-eval", str(run), "--data", str(data), "--masks", str(table), "--no-faithfulness",
                  "--layer", "features.block2,features.block3"]) == 0
+    # The earlier evaluation's files are gone (this one explained gradcam only); the user's file stays.
+    assert earlier and not list((run / "localization").glob("layercam_*.png"))
+    assert (run / "localization" / "my notes.txt").read_text() == "the user's"
     document = json.loads((run / "explain_metrics.json").read_text())
     entry = document["methods"]["gradcam"]
     assert "deletion_auc" not in entry and "sanity_check" not in entry  # --no-faithfulness

@@ -86,6 +86,8 @@ EXPLAIN_SKIPPED_FILE = "explain_skipped.csv"
 LOCALIZATION_DIR = "localization"  # explain-eval: best/worst overlays with the mask outlined, per-image rows
 LOCALIZATION_ROWS_FILE = "localization.csv"
 SHORTCUT_DIR = "shortcut"  # explain-eval: overlays of the images whose evidence sits on a suspected shortcut
+_LOCALIZATION_FILE = re.compile(r"localization\.csv|[a-z0-9]+_(best|worst)_\d+\.png")
+_SHORTCUT_FILE = re.compile(r"[a-z0-9]+_(border|text|outside_foreground)_\d+\.png")
 GALLERY_FILE = "gallery.json"
 EVALUATION_FILE = "evaluation.json"
 PREDICTIONS_FILE = "predictions.csv"
@@ -387,6 +389,19 @@ class EvaluationFolder:
 
     def write_explain_metrics(self, document: Mapping[str, Any]) -> Path:
         return _write_json(self.explain_metrics_path, dict(document))
+
+    def clear_explain_eval_outputs(self) -> list[Path]:
+        """Remove what an earlier explain-eval wrote beside ``explain_metrics.json`` (its per-image rows, its
+        best/worst and shortcut overlays, by their names only), so that the folder never mixes two evaluations;
+        anything else in those folders is the user's and stays. Returns the files removed."""
+        removed = []
+        for folder, pattern in ((self.localization_dir, _LOCALIZATION_FILE), (self.shortcut_dir, _SHORTCUT_FILE)):
+            if folder.is_dir():
+                for path in folder.iterdir():
+                    if path.is_file() and not path.is_symlink() and pattern.fullmatch(path.name):
+                        path.unlink()
+                        removed.append(path)
+        return removed
 
     def write_localization_rows(self, rows: Sequence[Mapping[str, Any]]) -> Path:
         """``localization/localization.csv``: one row per method and image (explain-eval's localisation metrics);

@@ -141,6 +141,7 @@ def evaluate_explanations(
     out = run if own else run.evaluation(name or default_evaluation_name(data, split))
     if not own:
         prepare_evaluation_folder(out)
+    out.clear_explain_eval_outputs()
     prepared = prepare_split(source, records, classifier.preprocessor, label_map=label_mapping,
                              description=f"{split} (explain-eval)", **preparation_options(run.data_config()))
     model = classifier.model.eval()
