@@ -106,7 +106,7 @@ def lesion_summary(document: dict[str, Any], method: str) -> dict[str, Any]:
               for outcome in ("correct", "wrong", "all") if outcome in lesion}
     result["thresholds"] = entry["localization"].get("thresholds")
     result["empty_mask"] = entry["localization"].get("empty_mask")
-    for key in ("deletion_auc", "insertion_auc", "road_morf", "road_lerf", "beats_random"):
+    for key in ("deletion_auc", "insertion_auc", "road_morf", "road_lerf", "random_baseline", "beats_random"):
         if key in entry:
             result[key] = entry[key]
     if "sanity_check" in entry:
