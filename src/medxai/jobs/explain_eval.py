@@ -154,7 +154,6 @@ def evaluate_explanations(
     logger.info("explain-eval on %d images of %s (%s), methods: %s", len(prepared), data, selection,
                 ", ".join(method_classes))
     steps, baseline, batch_size, seed = settings.steps, settings.baseline, settings.batch_size, settings.seed
-    sanity_images = settings.sanity_images
 
     def calibrated_probability(logits: Tensor, classes: Tensor) -> Tensor:
         return classifier.probabilities(logits.float()).gather(1, classes.long()[:, None]).squeeze(1)
@@ -182,8 +181,7 @@ def evaluate_explanations(
     localization_table: list[dict[str, Any]] = []
     maps_by_method: dict[str, Tensor] = {}
     classes_by_method: dict[str, Tensor] = {}
-    random_metrics: dict[str, Tensor] | None = None
-    random_classes: Tensor | None = None
+    random_cache: dict[str, Any] = {"seconds": 0.0}
     # Four stages per method (maps, deletion/insertion/ROAD, sanity check, localisation): a bar with rate and ETA.
     progress = tqdm(total=4 * len(method_classes), desc="explain-eval", unit="stage", disable=None)
     for method_name, method in method_classes.items():
@@ -194,38 +192,14 @@ def evaluate_explanations(
         progress.update()
         entry: dict[str, Any] = {}
         if settings.faithfulness:
-            options = dict(steps=steps, baseline=baseline, batch_size=batch_size, score_fn=calibrated_probability,
-                           seed=seed)
-            if random_metrics is None or not torch.equal(classes, random_classes):
-                # Random heatmaps explain the same classes of the same images for every method: computed once, and
-                # their time is reported apart from the methods'.
-                random_started = time.perf_counter()
-                random_maps = random_saliency(maps.shape, seed=seed, device=maps.device)
-                random_metrics = faithfulness_metrics(model, images, random_maps, classes, **options)
-                random_classes = classes
-                random_seconds = time.perf_counter() - random_started
-                document["random_baseline_seconds"] = round(document.get("random_baseline_seconds", 0.0)
-                                                            + random_seconds, 2)
-                started += random_seconds
-            summary = FaithfulnessSummary(faithfulness_metrics(model, images, maps, classes, **options),
-                                          random_metrics)
-            progress.update()
-            method_means, random_means = summary.means()
-            sanity_count = min(sanity_images, len(prepared))
-            sanity = model_randomisation_check(
-                method, model, images[:sanity_count], ClassTarget(classes[:sanity_count]),
-                target_layers=layer, seed=seed,
-            )
-            progress.update()
-            entry = {key: round(method_means[key], 6) for key in _METRIC_KEYS}
-            entry["random_baseline"] = {key: round(random_means[key], 6) for key in _METRIC_KEYS}
-            entry["beats_random"] = summary.beats_random()
-            entry["sanity_check"] = sanity.to_dict()
+            entry, random_seconds = _faithfulness(method, model, images, maps, classes, layer, settings,
+                                                  calibrated_probability, random_cache)
+            started += random_seconds  # the random maps' time is reported apart from the methods'
             logger.info("%s: deletion %.4f (random %.4f), insertion %.4f (random %.4f), sanity %s", method_name,
-                        entry["deletion_auc"], random_means["deletion_auc"], entry["insertion_auc"],
-                        random_means["insertion_auc"], "passed" if sanity.passed else "FAILED")
-        else:
-            progress.update(2)
+                        entry["deletion_auc"], entry["random_baseline"]["deletion_auc"], entry["insertion_auc"],
+                        entry["random_baseline"]["insertion_auc"],
+                        "passed" if entry["sanity_check"]["passed"] else "FAILED")
+        progress.update(2)
         if truths:
             entry["localization"], rows = _localization(
                 method_name, method, maps, classes, truths, prepared, validation, classifier, layer, batch_size,
@@ -236,6 +210,8 @@ def evaluate_explanations(
         entry["seconds"] = round(time.perf_counter() - started, 2)
         document["methods"][method_name] = entry
     progress.close()
+    if "metrics" in random_cache:
+        document["random_baseline_seconds"] = round(random_cache["seconds"], 2)
     records_by_id = {record.id: record for record in records}
     verdicts = shortcut_verdicts(out.shortcut_dir, source, records_by_id, prepared, maps_by_method,
                                  classes_by_method, classifier.card.label_names)
@@ -255,6 +231,34 @@ def evaluate_explanations(
     if skipped:
         write_skipped(out.explain_skipped_path, skipped)
     return document
+
+
+def _faithfulness(method: type, model: torch.nn.Module, images: Tensor, maps: Tensor, classes: Tensor, layer,
+                  settings: ExplainEvalConfig, score_fn, random_cache: dict[str, Any]) -> tuple[dict[str, Any], float]:
+    """Deletion/insertion/ROAD of one method's maps beside random maps, and the sanity check: its JSON entry, and
+    the seconds spent on random maps (computed once for every method explaining the same classes, kept in
+    ``random_cache``)."""
+    options = dict(steps=settings.steps, baseline=settings.baseline, batch_size=settings.batch_size,
+                   score_fn=score_fn, seed=settings.seed)
+    random_seconds = 0.0
+    if "metrics" not in random_cache or not torch.equal(classes, random_cache["classes"]):
+        started = time.perf_counter()
+        random_maps = random_saliency(maps.shape, seed=settings.seed, device=maps.device)
+        random_cache["metrics"] = faithfulness_metrics(model, images, random_maps, classes, **options)
+        random_cache["classes"] = classes
+        random_seconds = time.perf_counter() - started
+        random_cache["seconds"] += random_seconds
+    summary = FaithfulnessSummary(faithfulness_metrics(model, images, maps, classes, **options),
+                                  random_cache["metrics"])
+    method_means, random_means = summary.means()
+    count = min(settings.sanity_images, images.shape[0])
+    sanity = model_randomisation_check(method, model, images[:count], ClassTarget(classes[:count]),
+                                       target_layers=layer, seed=settings.seed)
+    entry: dict[str, Any] = {key: round(method_means[key], 6) for key in _METRIC_KEYS}
+    entry["random_baseline"] = {key: round(random_means[key], 6) for key in _METRIC_KEYS}
+    entry["beats_random"] = summary.beats_random()
+    entry["sanity_check"] = sanity.to_dict()
+    return entry, random_seconds
 
 
 def _record_shortcut_verdict(run: RunFolder, document: Mapping[str, Any]) -> None:
