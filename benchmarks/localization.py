@@ -49,11 +49,12 @@ RECIPES: dict[str, list[str]] = {
     "plain": [],
     "cam_loss": ["train.explanation_loss=cam", "train.explanation_weight=1.0"],
     "input_gradients": ["train.explanation_loss=input_gradients", "train.explanation_weight=10.0"],
+    "actdiff_0.1": ["train.explanation_loss=actdiff", "train.explanation_weight=0.1"],
     "actdiff": ["train.explanation_loss=actdiff", "train.explanation_weight=1.0"],
     "actdiff_10": ["train.explanation_loss=actdiff", "train.explanation_weight=10.0"],
 }
 #: What ``--recipes`` runs by default: input_gradients costs 2-4x the others' epochs on a CPU.
-DEFAULT_RECIPES = "plain,cam_loss,actdiff,actdiff_10"
+DEFAULT_RECIPES = "plain,cam_loss,actdiff_0.1,actdiff,actdiff_10"
 ANCHORS = {
     "Byra et al. 2022 (J Ultrason 22:70-75), CAM, 272 masses": {"pointing_game": 0.71},
     "PMC10233039, Grad-CAM ResNet-50, threshold 0.45": {"mean_iou": 0.175},
