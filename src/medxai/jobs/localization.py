@@ -154,8 +154,7 @@ def localization_rows(
 
 def thresholds_on(placed: Sequence[Tensor], truths: Sequence[LesionTruth]) -> dict[int, float]:
     """Per-class map values maximising the mean IoU with the masks (Saporta et al. 2022): chosen on validation."""
-    return choose_thresholds([saliency for saliency in placed], [truth.mask for truth in truths],
-                             [truth.label for truth in truths])
+    return choose_thresholds(list(placed), [truth.mask for truth in truths], [truth.label for truth in truths])
 
 
 def localization_summary(rows: Sequence[Mapping[str, Any]], *, resamples: int = 1000, seed: int = 0
