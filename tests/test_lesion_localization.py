@@ -23,6 +23,7 @@ from PIL import Image
 from medxai.classifier import Classifier
 from medxai.cli import main
 from medxai.explain.localization import empty_mask_metrics, localization_metrics
+from medxai.run_folder import RunFolder
 
 _SHAPE = (40, 56)  # (height, width): wide, so pad mode letterboxes the model input
 
@@ -163,6 +164,14 @@ def test_masks_given_apart_replace_the_datas_and_a_wrong_sized_one_is_a_skip_rea
         skipped = list(csv.DictReader(handle))
     assert [row["file"] for row in skipped] == [str(wrong)]
     assert skipped[0]["reason"].startswith("ground truth:") and "10" in skipped[0]["reason"]
+
+    # A failed explain-eval (an unknown layer) keeps the last one's files and leaves no staging folder behind.
+    before = sorted(path.name for path in (run / "localization").iterdir())
+    assert main(["explain-eval", str(run), "--data", str(data), "--layer", "features.nothing"]) == 2
+    assert sorted(path.name for path in (run / "localization").iterdir()) == before
+    assert not list(run.glob(".explain-eval.partial-*"))
+    # Everything explain-eval wrote is medxai's own to --overwrite; the user's note is not, and is named.
+    assert RunFolder(run).foreign_files() == ["localization/my notes.txt"]
 
 
 def test_the_report_shows_the_localisation_and_the_shortcut_alarm_in_a_browser(lesion_run, browser, tmp_path):

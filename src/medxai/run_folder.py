@@ -25,6 +25,7 @@ it.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
 import fnmatch
@@ -34,7 +35,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,7 @@ EXPLAIN_SKIPPED_FILE = "explain_skipped.csv"
 LOCALIZATION_DIR = "localization"  # explain-eval: best/worst overlays with the mask outlined, per-image rows
 LOCALIZATION_ROWS_FILE = "localization.csv"
 SHORTCUT_DIR = "shortcut"  # explain-eval: overlays of the images whose evidence sits on a suspected shortcut
+EXPLAIN_STAGING_PREFIX = ".explain-eval.partial-"  # explain-eval writes those two folders here, then moves them in
 _LOCALIZATION_FILE = re.compile(r"localization\.csv|[a-z0-9]+_(best|worst)_\d+\.png")
 _SHORTCUT_FILE = re.compile(r"[a-z0-9]+_(border|text|outside_foreground)_\d+\.png")
 GALLERY_FILE = "gallery.json"
@@ -125,6 +127,11 @@ _RUN_LAYOUT = (
     *(f"{EVALUATIONS_DIR}/*/{name}" for name in (EVALUATION_FILE, METRICS_FILE, SKIPPED_FILE, EXPLAIN_METRICS_FILE,
                                                  EXPLAIN_SKIPPED_FILE, f"{FIGURES_DIR}/*.png")),
     *(f"{SERVE_DIR}/{AUDIT_DB_FILE}{suffix}" for suffix in ("", "-journal", "-wal", "-shm")),
+    # explain-eval's per-image rows and overlays, in the run, its evaluations, and a staging folder it left behind
+    *(f"{where}{name}" for where in ("", f"{EVALUATIONS_DIR}/*/", f"{EXPLAIN_STAGING_PREFIX}*/",
+                                     f"{EVALUATIONS_DIR}/*/{EXPLAIN_STAGING_PREFIX}*/")
+      for name in (f"{LOCALIZATION_DIR}/{LOCALIZATION_ROWS_FILE}", f"{LOCALIZATION_DIR}/*.png",
+                   f"{SHORTCUT_DIR}/*.png")),
 )
 #: What an interrupted atomic write leaves beside its file.
 _LEFTOVER_SUFFIXES = (".tmp", ".partial")
@@ -402,6 +409,26 @@ class EvaluationFolder:
                         path.unlink()
                         removed.append(path)
         return removed
+
+    @contextlib.contextmanager
+    def staged_explain_eval_outputs(self) -> Iterator[EvaluationFolder]:
+        """A hidden staging folder for explain-eval's ``localization/`` and ``shortcut/`` files: when the block ends
+        without error they replace the earlier explain-eval's (:meth:`clear_explain_eval_outputs`, by name only);
+        on an error the staging folder is removed and the earlier files stay, consistent with the earlier
+        ``explain_metrics.json``."""
+        staging = EvaluationFolder(self.path / f"{EXPLAIN_STAGING_PREFIX}{uuid.uuid4().hex[:12]}")
+        staging.path.mkdir(parents=True)
+        try:
+            yield staging
+            self.clear_explain_eval_outputs()
+            for source, target in ((staging.localization_dir, self.localization_dir),
+                                   (staging.shortcut_dir, self.shortcut_dir)):
+                if source.is_dir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    for path in source.iterdir():
+                        os.replace(path, target / path.name)
+        finally:
+            shutil.rmtree(staging.path, ignore_errors=True)
 
     def write_localization_rows(self, rows: Sequence[Mapping[str, Any]]) -> Path:
         """``localization/localization.csv``: one row per method and image (explain-eval's localisation metrics);

@@ -141,7 +141,24 @@ def evaluate_explanations(
     out = run if own else run.evaluation(name or default_evaluation_name(data, split))
     if not own:
         prepare_evaluation_folder(out)
-    out.clear_explain_eval_outputs()
+    _check_methods_explain(method_classes, classifier, settings.layer or classifier.card.cam_layer)
+    with out.staged_explain_eval_outputs() as staging:
+        document = _evaluate(run, out, staging, own, source, records, selection, split, data, fingerprint,
+                             label_mapping, classifier, method_classes, settings, ground_truth)
+    return document
+
+
+def _check_methods_explain(method_classes: Mapping[str, type], classifier: Classifier, layer) -> None:
+    """Build each method once before any image is read: an unknown layer is refused at once (naming close ones)."""
+    for method in method_classes.values():
+        method(classifier.model, layer)
+
+
+def _evaluate(run: RunFolder, out, staging, own: bool, source, records, selection: str, split: str, data,
+              fingerprint: str, label_mapping, classifier: Classifier, method_classes: Mapping[str, type],
+              settings: ExplainEvalConfig, ground_truth) -> dict[str, Any]:
+    """The body of :func:`evaluate_explanations` once the run, data and records are known; overlays and per-image
+    rows go to ``staging`` (published when this returns), the JSON and skipped list to ``out``."""
     prepared = prepare_split(source, records, classifier.preprocessor, label_map=label_mapping,
                              description=f"{split} (explain-eval)", **preparation_options(run.data_config()))
     model = classifier.model.eval()
@@ -203,7 +220,7 @@ def evaluate_explanations(
         if truths:
             entry["localization"], rows = _localization(
                 method_name, method, maps, classes, truths, prepared, validation, classifier, layer, batch_size,
-                out, source, records,
+                staging, source, records,
             )
             localization_table.extend(rows)
         progress.update()
@@ -213,7 +230,7 @@ def evaluate_explanations(
     if "metrics" in random_cache:
         document["random_baseline_seconds"] = round(random_cache["seconds"], 2)
     records_by_id = {record.id: record for record in records}
-    verdicts = shortcut_verdicts(out.shortcut_dir, source, records_by_id, prepared, maps_by_method,
+    verdicts = shortcut_verdicts(staging.shortcut_dir, source, records_by_id, prepared, maps_by_method,
                                  classes_by_method, classifier.card.label_names)
     for method_name, verdict in verdicts.items():
         document["methods"][method_name]["shortcut_alarm"] = verdict
@@ -227,7 +244,7 @@ def evaluate_explanations(
                         "fingerprint": fingerprint, "split": split, "selection": selection})
     out.write_explain_metrics(document)
     if localization_table:
-        out.write_localization_rows(localization_table)
+        staging.write_localization_rows(localization_table)
     if skipped:
         write_skipped(out.explain_skipped_path, skipped)
     return document
@@ -317,7 +334,7 @@ def _validation_truths(source, run: RunFolder, own: bool, split: str, settings: 
 
 
 def _localization(method_name: str, method: type, maps: Tensor, classes: Tensor, truths: list[LesionTruth],
-                  prepared: PreparedSplit, validation, classifier: Classifier, layer, batch_size: int, out,
+                  prepared: PreparedSplit, validation, classifier: Classifier, layer, batch_size: int, staging,
                   source, records) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """One method's localisation summary (with its best and worst cases drawn) and its per-image rows."""
     thresholds = None
@@ -332,5 +349,5 @@ def _localization(method_name: str, method: type, maps: Tensor, classes: Tensor,
     if thresholds is not None:
         summary["thresholds"] = {classifier.card.label_names[key]: value for key, value in thresholds.items()}
     by_id = {record.id: record for record in records}
-    summary["cases"] = save_extreme_cases(out.localization_dir, method_name, rows, placed, truths, source, by_id)
+    summary["cases"] = save_extreme_cases(staging.localization_dir, method_name, rows, placed, truths, source, by_id)
     return summary, rows
