@@ -197,11 +197,13 @@ def prepare_masks(
     records: Sequence[Record],
     preprocessor: Preprocessor,
     skipped: list[tuple[str, str]] | None = None,
+    image_shapes: Sequence[Sequence[int]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The records' ground-truth masks placed as their images are in the model input.
 
-    Each image is decoded for its size (EXIF orientation included, as the model sees it), its ground truth read
-    with :func:`read_ground_truth` and placed with :meth:`Preprocessor.prepare_mask`.
+    Each image's size is ``image_shapes`` (e.g. the prepared split's facts, measured when it was decoded), else the
+    image is decoded for it (EXIF orientation included, as the model sees it); its ground truth is read with
+    :func:`read_ground_truth` and placed with :meth:`Preprocessor.prepare_mask`.
 
     Args:
         source: the source the records come from (decodes the images).
@@ -209,6 +211,7 @@ def prepare_masks(
         preprocessor: the model's preprocessing.
         skipped: when given, ``(mask or image path, reason)`` is appended for each record whose ground truth could
             not be read (it then counts as having none).
+        image_shapes: the decoded images' ``(H, W)``, one per record, when known; saves decoding them again.
 
     Returns:
         ``(N, S, S)`` float32 masks in [0, 1] (zeros where there is no ground truth) and an ``(N,)`` bool vector
@@ -222,7 +225,7 @@ def prepare_masks(
         if not record.masks and not record.boxes:
             continue
         try:
-            image_shape = np.shape(source.load(record).image)
+            image_shape = image_shapes[row] if image_shapes is not None else np.shape(source.load(record).image)
             ground_truth = read_ground_truth(record, image_shape)
         except InvalidImageError as error:
             failures += 1

@@ -505,7 +505,10 @@ def _attach_train_masks(source: Source, records: list[Record], prepared: dict[st
     train = prepared["train"]
     by_id = {record.id: record for record in records}
     kept = [by_id[sample_id] for sample_id in train.ids]
-    masks, has_mask = prepare_masks(source, kept, Preprocessor(config.preprocess), skipped=train.skipped)
+    # The split's facts hold each decoded image's size: the masks are read without decoding the images again.
+    shapes = [(facts.height, facts.width) for facts in train.facts] if len(train.facts) == len(kept) else None
+    masks, has_mask = prepare_masks(source, kept, Preprocessor(config.preprocess), skipped=train.skipped,
+                                    image_shapes=shapes)
     prepared["train"] = dataclasses.replace(train, masks=masks, has_mask=has_mask)
     counted = int(counted_images(masks, has_mask).sum())
     logger.info("explanation loss %r (weight %g): %d of %d train images have ground truth, %d of them a lesion",
