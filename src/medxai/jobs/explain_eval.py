@@ -141,10 +141,11 @@ def evaluate_explanations(
     out = run if own else run.evaluation(name or default_evaluation_name(data, split))
     if not own:
         prepare_evaluation_folder(out)
-    _check_methods_explain(method_classes, classifier, settings.layer or classifier.card.cam_layer)
+    layer = settings.layer or classifier.card.cam_layer
+    _check_methods_explain(method_classes, classifier, layer)
     with out.staged_explain_eval_outputs() as staging:
         document = _evaluate(run, out, staging, own, source, records, selection, split, data, fingerprint,
-                             label_mapping, classifier, method_classes, settings, ground_truth)
+                             label_mapping, classifier, method_classes, layer, settings, ground_truth)
     return document
 
 
@@ -155,7 +156,7 @@ def _check_methods_explain(method_classes: Mapping[str, type], classifier: Class
 
 
 def _evaluate(run: RunFolder, out, staging, own: bool, source, records, selection: str, split: str, data,
-              fingerprint: str, label_mapping, classifier: Classifier, method_classes: Mapping[str, type],
+              fingerprint: str, label_mapping, classifier: Classifier, method_classes: Mapping[str, type], layer,
               settings: ExplainEvalConfig, ground_truth) -> dict[str, Any]:
     """The body of :func:`evaluate_explanations` once the run, data and records are known; overlays and per-image
     rows go to ``staging`` (published when this returns), the JSON and skipped list to ``out``."""
@@ -165,7 +166,7 @@ def _evaluate(run: RunFolder, out, staging, own: bool, source, records, selectio
     images = _model_inputs(classifier, prepared)
     skipped = list(prepared.skipped)
     truths = read_truths(source, records, prepared, classifier.device, skipped)
-    layer = settings.layer or classifier.card.cam_layer
+    records_by_id = {record.id: record for record in records}
     validation = _validation_truths(source, run, own, split, settings, classifier, ground_truth, skipped) \
         if truths else None
     logger.info("explain-eval on %d images of %s (%s), methods: %s", len(prepared), data, selection,
@@ -220,7 +221,7 @@ def _evaluate(run: RunFolder, out, staging, own: bool, source, records, selectio
         if truths:
             entry["localization"], rows = _localization(
                 method_name, method, maps, classes, truths, prepared, validation, classifier, layer, batch_size,
-                staging, source, records,
+                staging, source, records_by_id,
             )
             localization_table.extend(rows)
         progress.update()
@@ -229,7 +230,6 @@ def _evaluate(run: RunFolder, out, staging, own: bool, source, records, selectio
     progress.close()
     if "metrics" in random_cache:
         document["random_baseline_seconds"] = round(random_cache["seconds"], 2)
-    records_by_id = {record.id: record for record in records}
     verdicts = shortcut_verdicts(staging.shortcut_dir, source, records_by_id, prepared, maps_by_method,
                                  classes_by_method, classifier.card.label_names)
     for method_name, verdict in verdicts.items():
@@ -335,7 +335,7 @@ def _validation_truths(source, run: RunFolder, own: bool, split: str, settings: 
 
 def _localization(method_name: str, method: type, maps: Tensor, classes: Tensor, truths: list[LesionTruth],
                   prepared: PreparedSplit, validation, classifier: Classifier, layer, batch_size: int, staging,
-                  source, records) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                  source, records_by_id: Mapping[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """One method's localisation summary (with its best and worst cases drawn) and its per-image rows."""
     thresholds = None
     if validation is not None:
@@ -348,6 +348,6 @@ def _localization(method_name: str, method: type, maps: Tensor, classes: Tensor,
     summary = localization_summary(rows)
     if thresholds is not None:
         summary["thresholds"] = {classifier.card.label_names[key]: value for key, value in thresholds.items()}
-    by_id = {record.id: record for record in records}
-    summary["cases"] = save_extreme_cases(staging.localization_dir, method_name, rows, placed, truths, source, by_id)
+    summary["cases"] = save_extreme_cases(staging.localization_dir, method_name, rows, placed, truths, source,
+                                          records_by_id)
     return summary, rows

@@ -221,7 +221,7 @@ def shortcut_verdicts(folder: Path, source: Source, records: Mapping[str, Record
     the foreground; a DICOM file's Burned In Annotation flag adds its border to the text) and every method's map is
     placed on it as its overlay would be.
     """
-    correct = {name: (classes[name].cpu() == prepared.labels.cpu()).nonzero().flatten().tolist() for name in maps}
+    correct = {name: set((classes[name].cpu() == prepared.labels.cpu()).nonzero().flatten().tolist()) for name in maps}
     wanted = sorted(set().union(*correct.values()))
     shares: dict[str, dict[int, dict[str, Tensor]]] = {name: {} for name in maps}
     for index in wanted:
